@@ -1,0 +1,217 @@
+"""Training-time quantized modules whose eval-mode forward *is* the integer contract.
+
+Values between layers are integer-valued float tensors: activations are the unsigned codes
+0..2**n-1 (HWMSB), weights are the signed codes of the HEQ quantizer, accumulators are exact sums.
+Every intermediate value is an integer below 2**24 in magnitude (the spec's accumulator bounds), so
+fp32 convolution, addition, power-of-two division and floor are exact, and the eval-mode forward
+computes exactly what :mod:`nqe.model.contract` says. Export reads the codes, biases and shifts
+off these modules; nothing is re-quantized.
+
+Training uses straight-through estimators around the same operations (DESIGN.md, "Quantization
+training"):
+
+* HEQ: one step size per layer, set (no gradient) so that every level is used equally often:
+  thresholds at the quantiles of |w|, step fitted by least squares; weights are real proxies kept
+  in [-1, 1].
+* BSN: ``y = floor((acc + b) / 2**k)`` with a per-channel bias learned in output units and one
+  shift ``k`` per shift group, chosen from a running estimate of the accumulator's spread and
+  frozen before export.
+* HWMSB: ``clamp(y, 0, 2**n - 1)`` with the clipped straight-through gradient.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .contract import Residual, legal_codes
+from .spec import LayerKind
+
+__all__ = ["heq_step", "heq_codes", "ShiftGroup", "QuantConv", "EXACT_LIMIT"]
+
+EXACT_LIMIT = 1 << 24   # fp32 represents every integer below this exactly
+
+
+def heq_step(weight, bits):
+    """HEQ step size: levels of a linear symmetric quantizer used equally often."""
+    a = weight.detach().abs().flatten().float()
+    if bits == 3:        # 5 levels: P(|w| < s/2) = 1/5, P(|w| < 3s/2) = 3/5
+        q = torch.quantile(a, torch.tensor([0.2, 0.6], device=a.device))
+        step = (0.5 * q[0] + 1.5 * q[1]) / (0.5 ** 2 + 1.5 ** 2)
+    elif bits == 2:      # 3 levels: P(|w| < s/2) = 1/3
+        step = 2.0 * torch.quantile(a, 1.0 / 3.0)
+    elif bits == 1:      # sign: both levels equally used for a symmetric distribution
+        step = a.mean()
+    else:
+        raise ValueError(f"unsupported weight width {bits}")
+    return step.clamp_min(1e-8)
+
+
+def heq_codes(weight, step, bits):
+    """Integer weight codes of the contract (legal_codes(bits)) for real weights and a step."""
+    if bits == 1:
+        return torch.where(weight >= 0, 1.0, -1.0).to(weight.dtype)
+    top = max(legal_codes(bits))
+    return torch.clamp(torch.round(weight / step), -top, top)
+
+
+def _ste(real, quantized, training):
+    """Forward ``quantized``, backward identity to ``real`` (exact values outside training)."""
+    if not training:
+        return quantized.detach()
+    return real + (quantized - real).detach()
+
+
+class ShiftGroup(nn.Module):
+    """One BSN shift shared by several layers (layer-shared BSN).
+
+    While training and not frozen, each member reports the shift it would like (log2 of its
+    accumulator spread over its target spread); the group keeps a running mean and rounds it.
+    ``freeze()`` fixes the shift; export requires it frozen.
+    """
+
+    def __init__(self, max_shift, momentum=0.05):
+        super().__init__()
+        self.max_shift = max_shift
+        self.momentum = momentum
+        self.register_buffer("desired", torch.tensor(float("nan")))
+        self.register_buffer("frozen_shift", torch.tensor(-1, dtype=torch.long))
+
+    @property
+    def frozen(self):
+        return int(self.frozen_shift) >= 0
+
+    def observe(self, desired, reset=False):
+        if self.frozen:
+            return
+        if reset or torch.isnan(self.desired):
+            self.desired.fill_(desired)
+        else:
+            self.desired.mul_(1 - self.momentum).add_(self.momentum * desired)
+
+    @property
+    def shift(self):
+        if self.frozen:
+            return int(self.frozen_shift)
+        if torch.isnan(self.desired):
+            return 0
+        return int(min(max(round(float(self.desired)), 0), self.max_shift))
+
+    def freeze(self):
+        self.frozen_shift.fill_(self.shift)
+
+
+class QuantConv(nn.Module):
+    """One layer of the spec (stem, pointwise, group-wise, bottleneck or classifier).
+
+    forward(x, skip=None) takes integer-valued activations and returns the layer's integer-valued
+    output: activations 0..2**out_bits-1, or the classifier's signed logits.
+    """
+
+    def __init__(self, layer, shift_group=None):
+        super().__init__()
+        self.layer = layer
+        self.bits = layer.weight_bits
+        self.is_classifier = layer.kind is LayerKind.CLASSIFIER
+        self.weight = nn.Parameter(torch.empty(layer.weight_shape))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        with torch.no_grad():
+            self.weight.div_(self.weight.abs().max()).mul_(0.9)
+        self.bias = nn.Parameter(torch.zeros(layer.out_channels))
+        self.register_buffer("step", heq_step(self.weight, self.bits))
+        self.shift_group = shift_group
+        # The classifier has no BSN; its bias is learned in units of 2**bias_scale_log2 (set at
+        # calibration from the logits' spread) so that Adam's step sizes suit it.
+        self.register_buffer("bias_scale_log2", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("calibrated", torch.tensor(False))
+        if layer.residual is Residual.MUX:
+            self.select_gate = nn.Parameter(torch.full((layer.out_channels,), -1.0))
+        else:
+            self.select_gate = None
+        if layer.acc_bound + max(abs(b) for b in layer.bias_bounds(layer.max_shift)) >= \
+                EXACT_LIMIT:
+            raise ValueError(f"layer {layer.name!r}: accumulator bound {layer.acc_bound} is too "
+                             f"large for exact fp32 evaluation")
+
+    # -- quantized parameters (what export reads) ---------------------------------------------
+
+    def codes(self):
+        """Integer weight codes, as a float tensor; straight-through to the weights in training."""
+        if self.training:
+            with torch.no_grad():
+                self.step.copy_(heq_step(self.weight, self.bits))
+        u = self.weight / self.step
+        codes = heq_codes(self.weight, self.step, self.bits)
+        if not self.training:
+            return codes.detach()
+        reach = max(legal_codes(self.bits)) + 0.5
+        return codes.detach() + (u - u.detach()) * (u.detach().abs() <= reach)
+
+    @property
+    def shift(self):
+        return self.shift_group.shift if self.shift_group is not None else 0
+
+    def bias_codes(self):
+        """Integer biases of the contract (clamped into its exact-equivalence range)."""
+        scale = 2.0 ** (self.shift if not self.is_classifier else int(self.bias_scale_log2))
+        real = self.bias * scale
+        lo, hi = self.layer.bias_bounds(self.shift)
+        return torch.clamp(_ste(real, torch.floor(real), self.training), lo, hi)
+
+    def select(self):
+        """MUX residual: 1 where the channel passes the skip path."""
+        hard = (self.select_gate > 0).float()
+        return _ste(torch.sigmoid(self.select_gate), hard, self.training)
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def accumulate(self, x):
+        layer = self.layer
+        weight = self.codes()
+        if self.is_classifier:
+            return F.linear(x, weight.reshape(layer.out_channels, -1).to(x.dtype)).float()
+        return F.conv2d(x, weight.to(x.dtype), stride=layer.stride, padding=layer.padding,
+                        groups=layer.groups).float()
+
+    def forward(self, x, skip=None, calibrate=False):
+        layer = self.layer
+        acc = self.accumulate(x)
+        if calibrate:
+            self._calibrate(acc)
+        if self.is_classifier:
+            return acc + self.bias_codes()
+        if self.training and self.shift_group is not None:
+            top = (1 << layer.out_bits) - 1
+            spread = acc.detach().float().std().clamp_min(1e-3)
+            self.shift_group.observe(float(torch.log2(spread / (top / 2))))
+        bias = self.bias_codes().view(1, -1, 1, 1)
+        scale = 2.0 ** self.shift
+        real = (acc + bias) / scale
+        y = _ste(real, torch.floor(real), self.training)
+        top = float((1 << layer.out_bits) - 1)
+        if layer.residual is Residual.ADD:
+            return torch.clamp(y + skip, 0.0, top)
+        if layer.residual is Residual.MUX:
+            rescaled = torch.floor(skip / 2.0 ** (layer.skip_bits - layer.out_bits))
+            sel = self.select().view(1, -1, 1, 1)
+            return sel * rescaled + (1 - sel) * torch.clamp(y, 0.0, top)
+        if layer.residual is Residual.OR:
+            return torch.maximum(torch.clamp(y, 0.0, 1.0), skip)
+        return torch.clamp(y, 0.0, top)
+
+    @torch.no_grad()
+    def _calibrate(self, acc):
+        """Data-dependent init (first batch): shift from the spread, bias centring each channel."""
+        layer = self.layer
+        if self.is_classifier:
+            self.bias_scale_log2.fill_(max(0, round(math.log2(max(float(acc.std()), 1.0)))))
+            self.bias.zero_()
+            self.calibrated.fill_(True)
+            return
+        top = (1 << layer.out_bits) - 1
+        spread = float(acc.std().clamp_min(1e-3))
+        self.shift_group.observe(math.log2(spread / (top / 2)))
+        mean = acc.mean(dim=(0, 2, 3))
+        self.bias.copy_(top / 3 - mean / 2.0 ** self.shift)
+        self.calibrated.fill_(True)

@@ -1,0 +1,185 @@
+"""Training loop: seeded, resumable, validation split from train, progress bars.
+
+A run folder holds ``last.pt`` (everything needed to resume: model, optimizer, schedule, RNG
+states, history) written after every epoch, ``best.pt`` (the model with the best validation
+accuracy, measured with the exact integer forward), and ``history.json``.
+"""
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data import load_cifar10, split_train_val
+from .network import NQENet
+from .spec import load_spec, spec_from_dict
+
+__all__ = ["TrainConfig", "train", "load_checkpoint", "evaluate_model", "augment"]
+
+
+@dataclass
+class TrainConfig:
+    spec: str = "nqe-1mb"
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    freeze_epochs: int = 3          # the last epochs train with BSN shifts frozen
+    val_size: int = 5000
+    seed: int = 0
+    bf16: bool = False              # bf16 autocast for training steps; fp32 measured as fast here
+    threads: int = 0                # 0: torch default
+    data: str | None = None
+    limit_train: int = 0            # use only this many training images (0: all); for smoke runs
+    spec_json: dict = field(default_factory=dict)   # the resolved spec, kept with the run
+
+
+def augment(images, generator):
+    """Random 4-pixel-padded crop and horizontal flip on a uint8 NCHW batch."""
+    n = images.shape[0]
+    padded = F.pad(images, (4, 4, 4, 4))
+    dx = torch.randint(0, 9, (n,), generator=generator)
+    dy = torch.randint(0, 9, (n,), generator=generator)
+    rows = (dy.view(n, 1) + torch.arange(32).view(1, 32))          # n x 32
+    cols = (dx.view(n, 1) + torch.arange(32).view(1, 32))
+    out = padded[torch.arange(n).view(n, 1, 1, 1), torch.arange(images.shape[1]).view(1, -1, 1, 1),
+                 rows.view(n, 1, 32, 1), cols.view(n, 1, 1, 32)]
+    flip = torch.rand(n, generator=generator) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+def _to_nchw(x):
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+@torch.no_grad()
+def evaluate_model(model, x_nhwc, y, batch_size=500, desc="eval", progress=True):
+    """Accuracy of the exact (eval-mode, fp32) forward; returns (accuracy, predictions)."""
+    model.eval()
+    preds = []
+    for start in tqdm(range(0, len(x_nhwc), batch_size), desc=desc, leave=False,
+                      disable=not progress):
+        batch = _to_nchw(x_nhwc[start:start + batch_size])
+        preds.append(model(batch).argmax(dim=1).numpy())
+    preds = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+    return float((preds == np.asarray(y)).mean()) if len(preds) else float("nan"), preds
+
+
+def load_checkpoint(path):
+    """A model from ``best.pt`` or ``last.pt``; returns (model, checkpoint dict)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    spec = spec_from_dict(checkpoint["spec"], source=f"{path} (embedded spec)")
+    model = NQENet(spec)
+    model.load_state_dict(checkpoint["model"])
+    return model, checkpoint
+
+
+def train(config, out_dir, resume=False, progress=True, log=print):
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    last = out_dir / "last.pt"
+    state = None
+    if resume and last.exists():
+        # A resumed run continues with the configuration it was started with (its schedule
+        # depends on it); only the data location may differ between machines.
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        config = TrainConfig(**{**state["config"], "data": config.data})
+        log(f"resuming {last} with its saved configuration: {asdict(config) | {'spec_json': '...'}}")
+    spec = load_spec(config.spec) if not config.spec_json else \
+        spec_from_dict(config.spec_json, source=f"{last} (embedded spec)")
+    config.spec_json = spec.to_dict()
+
+    data = load_cifar10(config.data)
+    (tx, ty), (vx, vy) = split_train_val(data.train_x, data.train_y, config.val_size,
+                                         config.seed)
+    if config.limit_train:
+        tx, ty = tx[:config.limit_train], ty[:config.limit_train]
+    train_images = _to_nchw(tx)
+    train_labels = torch.from_numpy(ty.astype(np.int64))
+    log(f"data: {data.root} ({data.layout}); train {len(tx)}, validation {len(vx)} "
+        f"(seed {config.seed})")
+
+    torch.manual_seed(config.seed)
+    model = NQENet(spec)
+    steps_per_epoch = math.ceil(len(tx) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if name.endswith(".weight") else no_decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr,
+                                                    total_steps=total_steps, pct_start=0.15)
+    generator = torch.Generator().manual_seed(config.seed)
+    history, start_epoch, best_acc = [], 0, -1.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history, start_epoch, best_acc = state["history"], state["epoch"], state["best_acc"]
+        log(f"resumed from {last} at epoch {start_epoch}/{config.epochs} "
+            f"(best validation accuracy so far {best_acc:.4f})")
+    else:
+        model.calibrate(augment(train_images[:512], generator))
+    model = model.to(memory_format=torch.channels_last)
+
+    for epoch in range(start_epoch, config.epochs):
+        if epoch >= config.epochs - config.freeze_epochs and not model.shifts_frozen:
+            model.freeze_shifts()
+            log(f"epoch {epoch + 1}: BSN shifts frozen "
+                f"{ {k: g.shift for k, g in model.shift_groups.items()} }")
+        model.train()
+        started = time.time()
+        order = torch.randperm(len(tx), generator=generator)
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}",
+                   disable=not progress, leave=False)
+        for step in bar:
+            idx = order[step * config.batch_size:(step + 1) * config.batch_size]
+            images = augment(train_images[idx], generator).float().contiguous(
+                memory_format=torch.channels_last)
+            labels = train_labels[idx]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                logits = model(images)
+            loss = F.cross_entropy(model.scaled_logits(logits.float()), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                for conv in model.convs.values():
+                    conv.weight.clamp_(-1.0, 1.0)
+            loss_sum += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == labels).sum())
+            seen += len(idx)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        val_acc, _ = evaluate_model(model, vx, vy, desc="validation", progress=progress)
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                  "val_acc": val_acc, "lr": scheduler.get_last_lr()[0],
+                  "seconds": time.time() - started, "shifts_frozen": model.shifts_frozen}
+        history.append(record)
+        log(f"epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.4f} train "
+            f"{record['train_acc']:.4f} validation {val_acc:.4f} ({record['seconds']:.0f} s)")
+        payload = {"spec": config.spec_json, "config": asdict(config), "epoch": epoch + 1,
+                   "history": history, "val_acc": val_acc}
+        if val_acc > best_acc:
+            best_acc = val_acc
+            torch.save({**payload, "model": model.state_dict()}, out_dir / "best.pt")
+        torch.save({**payload, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(), "best_acc": best_acc},
+                   out_dir / "last.tmp")
+        (out_dir / "last.tmp").replace(last)
+        (out_dir / "history.json").write_text(json.dumps(history, indent=2))
+    return model, history
