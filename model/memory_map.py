@@ -21,12 +21,34 @@ from dataclasses import dataclass
 from . import contract
 from .spec import LayerKind, Residual
 
-__all__ = ["LayerPlacement", "MemoryMap", "DESCRIPTOR_FIELDS", "build_memory_map"]
+__all__ = ["LayerPlacement", "MemoryMap", "DESCRIPTOR_FIELDS", "build_memory_map",
+           "weight_stream", "weights_from_stream", "weight_stream_length"]
 
 DESCRIPTOR_FIELDS = ("kind", "in_channels", "out_channels", "groups", "kernel", "stride",
                      "in_height", "in_width", "in_bits", "out_bits", "weight_bits",
                      "shift_index", "residual", "weight_base", "bias_base", "in_bank",
                      "out_bank")
+
+def weight_stream_length(layer, hardware):
+    """Number of codes (padding included) a layer's weight stream holds in SRAM."""
+    return layer.weight_count
+
+
+def weight_stream(codes, layer, hardware):
+    """A layer's OIHW codes in the order the engine reads them from weight SRAM (1-D).
+
+    This is the one definition of that order: the exporter packs this stream and the RTL walks
+    it. Today it is the OIHW C order, unpadded.
+    """
+    import numpy as np
+    return np.asarray(codes).reshape(-1)
+
+
+def weights_from_stream(stream, layer, hardware):
+    """Inverse of :func:`weight_stream`: OIHW codes from the SRAM-ordered stream."""
+    import numpy as np
+    return np.asarray(stream).reshape(layer.weight_shape)
+
 
 _KIND_CODES = {kind: i for i, kind in enumerate(LayerKind)}
 _RESIDUAL_CODES = {mode: i for i, mode in enumerate(Residual)}
@@ -106,7 +128,8 @@ def build_memory_map(spec):
     residual_bits = 0
     bank_bits[0] = layers[0].in_fmap_bits
     for layer in layers:
-        words = (contract.packed_words(layer.weight_count, layer.weight_bits, word_bits)
+        words = (contract.packed_words(weight_stream_length(layer, spec.hardware),
+                                       layer.weight_bits, word_bits)
                  if layer.has_weights else 0)
         biases = layer.out_channels if layer.has_weights else 0
         is_mux = layer.residual is Residual.MUX

@@ -42,7 +42,8 @@ class NQENet(nn.Module):
         return self.convs[_key(name)]
 
     def forward(self, images, return_activations=False, calibrate=False):
-        x = images.float() if images.dtype == torch.uint8 else images
+        # Integer images of any dtype become float; every value stays an exact integer.
+        x = images if images.is_floating_point() else images.float()
         activations = {}
         block_input = {}
         for layer in self.spec.layers():

@@ -195,7 +195,7 @@ class NetworkSpec:
     head: HeadSpec | None = HeadSpec()
     hardware: Hardware = Hardware()
     budget_bits: int = DEFAULT_BUDGET_BITS
-    source: str = ""          # where the spec came from, for error messages; not part of identity
+    source: str = dataclasses.field(default="", compare=False)   # for error messages only
 
     def __post_init__(self):
         _validate(self)

@@ -22,6 +22,7 @@ import numpy as np
 from . import contract
 from .contract import Residual
 from .integer_reference import IntegerLayer, IntegerNetwork
+from .memory_map import weight_stream, weight_stream_length, weights_from_stream
 from .spec import SpecError, load_spec, spec_from_dict
 
 __all__ = ["WeightsError", "FORMAT", "VERSION", "write_weights", "load_weights",
@@ -57,7 +58,8 @@ def write_weights(net, out_dir, meta=None):
         lo, hi = layer.bias_bounds(net.shift_of(layer))
         if params.bias.min() < lo or params.bias.max() > hi:
             raise WeightsError(f"{where}: bias outside the contract range [{lo}, {hi}]")
-        blobs = {"weights": contract.pack_codes(params.codes, layer.weight_bits, word_bits, where),
+        stream = weight_stream(params.codes, layer, spec.hardware)
+        blobs = {"weights": contract.pack_codes(stream, layer.weight_bits, word_bits, where),
                  "bias": params.bias.astype("<i4").tobytes()}
         if layer.residual is Residual.MUX:
             blobs["select"] = np.asarray(params.select, dtype=np.uint8).tobytes()
@@ -168,7 +170,7 @@ def load_weights(folder, spec=None):
             raise WeightsError(f"{where}: field 'weight_bits' is {entry.get('weight_bits')!r}, "
                                f"the spec expects {layer.weight_bits}")
         files = entry.get("files", {})
-        count = layer.weight_count
+        count = weight_stream_length(layer, spec.hardware)
         packed = _read_file(folder, layer.name, "weights", files.get("weights"), None)
         try:
             codes = contract.unpack_codes(packed, layer.weight_bits, word_bits, count,
@@ -192,8 +194,8 @@ def load_weights(folder, spec=None):
                 raise WeightsError(f"{where}: mux select values must be 0 or 1, found "
                                    f"{int(raw.max())}")
             select = raw.astype(bool)
-        layers[layer.name] = IntegerLayer(layer.name, codes.reshape(layer.weight_shape), bias,
-                                          select)
+        layers[layer.name] = IntegerLayer(
+            layer.name, weights_from_stream(codes, layer, spec.hardware), bias, select)
     return IntegerNetwork(spec, layers, shifts, manifest.get("meta", {}))
 
 
@@ -222,3 +224,31 @@ def export_model(model, out_dir, meta=None):
     net = integer_network_from_model(model, meta)
     write_weights(net, out_dir, meta)
     return net
+
+
+def model_from_integer_network(net):
+    """A fake-quant :class:`~nqe.model.network.NQENet` whose eval forward is exactly ``net``.
+
+    Weights are set to the codes with an HEQ step of 1 (so quantizing returns the codes), biases
+    to ``b / 2**shift`` (exact in binary floating point) and the shifts are frozen.
+    """
+    import torch
+
+    from .network import NQENet
+
+    model = NQENet(net.spec)
+    with torch.no_grad():
+        for group, shift in net.shifts.items():
+            model.shift_groups[group.replace(".", "_")].frozen_shift.fill_(shift)
+        for layer in net.spec.layers():
+            if not layer.has_weights:
+                continue
+            conv, params = model.conv(layer.name), net.layers[layer.name]
+            conv.weight.copy_(torch.from_numpy(params.codes.astype(np.float32)))
+            conv.step.fill_(1.0)
+            conv.bias_scale_log2.fill_(0)
+            conv.bias.copy_(torch.from_numpy(params.bias.astype(np.float64) /
+                                             2.0 ** net.shift_of(layer)).float())
+            if conv.select_gate is not None:
+                conv.select_gate.copy_(torch.from_numpy(np.where(params.select, 1.0, -1.0)))
+    return model.eval()

@@ -1,0 +1,245 @@
+"""The ``nqe`` command line: train, export, eval, budget, bench.
+
+Exit codes: 0 success; 1 a check failed (budget exceeded, mismatches found); 2 bad input (spec,
+weights, data), with one message naming the file, layer and field.
+"""
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _print_json(data):
+    print(json.dumps(data, indent=2))
+
+
+def _load_test_set(args):
+    from nqe.model.data import load_cifar10
+
+    data = load_cifar10(args.data, train=False)
+    images, labels = data.test_x, data.test_y
+    if args.images:
+        images, labels = images[:args.images], labels[:args.images]
+    return data, images, labels
+
+
+# -- budget ------------------------------------------------------------------------------------
+
+
+def cmd_budget(args):
+    from nqe.model.budget import compute_budget
+    from nqe.model.spec import load_spec
+
+    spec = load_spec(args.spec)
+    budget = compute_budget(spec)
+    if args.json:
+        _print_json(budget.to_dict())
+    else:
+        print(f"spec {spec.name}: {len(spec.layers())} layers, {spec.macs:,} MACs per image")
+        print(f"{'item':<18}{'kind':<13}{'bits':>10}  detail")
+        for row in budget.rows:
+            print(f"{row.item:<18}{row.kind:<13}{row.bits:>10,}  {row.detail}")
+        print("-" * 60)
+        for kind, bits in budget.by_kind().items():
+            print(f"{'':<18}{kind:<13}{bits:>10,}")
+        verdict = "fits" if budget.fits else "EXCEEDS the budget"
+        print(f"{'total':<31}{budget.total_bits:>10,}  of {budget.limit_bits:,} bits: {verdict}")
+    if not budget.fits:
+        print(f"nqe budget: spec {spec.name!r} needs {budget.total_bits:,} bits, over its budget "
+              f"of {budget.limit_bits:,} bits by {budget.total_bits - budget.limit_bits:,}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- train / export ----------------------------------------------------------------------------
+
+
+def cmd_train(args):
+    from nqe.model.train import TrainConfig, train
+
+    config = TrainConfig(spec=args.spec, epochs=args.epochs, batch_size=args.batch_size,
+                         lr=args.lr, freeze_epochs=args.freeze_epochs, val_size=args.val_size,
+                         seed=args.seed, bf16=args.bf16, threads=args.threads, data=args.data,
+                         limit_train=args.limit_train)
+    out = Path(args.out or f"runs/{Path(args.spec).stem}")
+    started = time.time()
+    _, history = train(config, out, resume=args.resume, progress=not args.no_progress)
+    best = max(history, key=lambda r: r["val_acc"]) if history else None
+    if best:
+        print(f"best validation accuracy {best['val_acc']:.4f} at epoch {best['epoch']}; "
+              f"checkpoint {out / 'best.pt'} ({time.time() - started:.0f} s this call)")
+    return 0
+
+
+def cmd_export(args):
+    import torch
+
+    from nqe.model.data import load_cifar10
+    from nqe.model.evaluate import predict_model, predict_reference
+    from nqe.model.train import load_checkpoint
+    from nqe.model.weights_io import export_model, load_weights
+
+    model, checkpoint = load_checkpoint(args.checkpoint)
+    history = checkpoint.get("history", [])
+    name = args.name or model.spec.name
+    meta = {
+        "name": name, "checkpoint": str(args.checkpoint), "epoch": checkpoint.get("epoch"),
+        "val_acc": checkpoint.get("val_acc"), "train_config": checkpoint.get("config"),
+        "train_seconds": round(sum(r["seconds"] for r in history), 1),
+        "history": history,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "torch": torch.__version__},
+    }
+    out = Path(args.out or f"weights/{name}")
+    net = export_model(model, out, meta)
+    loaded = load_weights(out)          # read back through the validating loader
+    data = load_cifar10(args.data, train=False)
+    images = data.test_x[:args.check]
+    ref_logits, _ = predict_reference(loaded, images, progress=not args.no_progress)
+    model_logits, _ = predict_model(model, images, progress=not args.no_progress)
+    mismatches = int((ref_logits != model_logits).any(axis=1).sum())
+    print(f"exported {out} (shifts {net.shifts}); integer reference vs trained model on "
+          f"{len(images)} test images: {mismatches} logit mismatches")
+    return 1 if mismatches else 0
+
+
+# -- eval / bench ------------------------------------------------------------------------------
+
+
+def cmd_eval(args):
+    from nqe.model.evaluate import evaluate_reference
+    from nqe.model.weights_io import load_weights
+
+    net = load_weights(args.weights)
+    _, images, labels = _load_test_set(args)
+    report = evaluate_reference(net, images, labels, compare_model=args.compare_model,
+                                progress=not args.no_progress)
+    report["weights"] = str(args.weights)
+    if args.json:
+        _print_json(report)
+    else:
+        print(f"{args.weights}: integer reference accuracy {report['accuracy']:.4f} "
+              f"({report['correct']}/{report['images']} test images, "
+              f"{report['reference_seconds']:.1f} s)")
+        if args.compare_model:
+            print(f"pytorch model on the same weights: {report['model_prediction_mismatches']} "
+                  f"prediction and {report['model_logit_mismatches']} logit mismatches")
+    return 1 if report.get("model_logit_mismatches") else 0
+
+
+def cmd_bench(args):
+    from nqe.model.evaluate import benchmark
+    from nqe.model.weights_io import load_weights
+
+    net = load_weights(args.weights)
+    _, images, _ = _load_test_set(args)
+    report = benchmark(net, images, batch_size=args.batch_size, threads=args.threads,
+                       progress=not args.no_progress)
+    report["weights"] = str(args.weights)
+    report["machine"] = platform.processor() or platform.machine()
+    if args.json:
+        _print_json(report)
+    else:
+        print(f"{report['images']} images, batch {report['batch_size']}, "
+              f"{report['torch_threads']} torch threads")
+        print(f"  integer reference (numpy): {report['integer_reference_images_per_s']:8.1f} "
+              f"images/s")
+        print(f"  pytorch model (fp32):      {report['pytorch_images_per_s']:8.1f} images/s")
+        print(f"  reference / pytorch:       {report['reference_over_pytorch']:8.2f}x")
+        print(f"  prediction mismatches: {report['prediction_mismatches']}, "
+              f"logit mismatches: {report['logit_mismatches']}")
+    return 1 if report["logit_mismatches"] else 0
+
+
+# -- parser ------------------------------------------------------------------------------------
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="nqe", description="Mixed-precision quantized encoder: spec -> trained integer "
+                                "model -> bit-exact reference.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def data_option(p):
+        p.add_argument("--data", metavar="PATH",
+                       help="CIFAR-10 folder (default: $NQE_DATA, else ../shared/data)")
+
+    def progress_option(p):
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("budget", help="on-chip memory breakdown of a spec; exit 1 over budget")
+    p.add_argument("--spec", default="nqe-1mb", metavar="NAME|FILE")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_budget)
+
+    p = sub.add_parser("train", help="train the fake-quant model (resumable checkpoints)")
+    p.add_argument("--spec", default="nqe-1mb", metavar="NAME|FILE")
+    p.add_argument("--out", metavar="DIR", help="run folder (default runs/<spec>)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--freeze-epochs", type=int, default=3,
+                   help="train the last N epochs with BSN shifts frozen")
+    p.add_argument("--val-size", type=int, default=5000,
+                   help="validation images held out of train (stratified, seeded)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for training steps")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--limit-train", type=int, default=0, help="use only N training images")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from last.pt with its saved configuration")
+    data_option(p)
+    progress_option(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="write weights/<name>/ from a checkpoint and verify it")
+    p.add_argument("--checkpoint", required=True, metavar="FILE", help="best.pt or last.pt")
+    p.add_argument("--out", metavar="DIR", help="default weights/<name>")
+    p.add_argument("--name", help="weights name (default: the spec's)")
+    p.add_argument("--check", type=int, default=1000,
+                   help="test images on which reference and model logits must be identical")
+    data_option(p)
+    progress_option(p)
+    p.set_defaults(func=cmd_export)
+
+    for name, func, text in (("eval", cmd_eval, "integer-reference accuracy on the test set"),
+                             ("bench", cmd_bench, "images/s: integer reference vs pytorch")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--weights", default="weights/nqe-1mb", metavar="DIR")
+        p.add_argument("--images", type=int, default=0, help="first N test images (0: all)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        data_option(p)
+        progress_option(p)
+        p.set_defaults(func=func)
+        if name == "eval":
+            p.add_argument("--compare-model", action="store_true",
+                           help="also run the pytorch model on the same weights and count "
+                                "mismatches")
+        else:
+            p.add_argument("--batch-size", type=int, default=250)
+            p.add_argument("--threads", type=int, default=0)
+    return parser
+
+
+def main(argv=None):
+    from nqe.model.contract import ContractError
+    from nqe.model.data import DataError
+    from nqe.model.spec import SpecError
+    from nqe.model.weights_io import WeightsError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (SpecError, WeightsError, ContractError, DataError) as error:
+        print(f"nqe {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

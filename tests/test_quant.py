@@ -1,0 +1,102 @@
+"""Training-time quantizers: HEQ level equalization, BSN shift groups, straight-through grads."""
+
+import numpy as np
+import pytest
+import torch
+
+from nqe.model import contract
+from nqe.model.integer_reference import run_reference
+from nqe.model.network import NQENet
+from nqe.model.quant import heq_codes, heq_step
+from nqe.model.random_spec import random_spec
+from nqe.model.spec import Residual
+from nqe.model.weights_io import integer_network_from_model
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+@pytest.mark.parametrize("distribution", ["normal", "laplace", "uniform"])
+def test_heq_uses_levels_equally(bits, distribution):
+    gen = torch.Generator().manual_seed(bits)
+    w = {"normal": lambda: torch.randn(40000, generator=gen),
+         "laplace": lambda: torch.distributions.Laplace(0, 1).sample((40000,)),
+         "uniform": lambda: torch.rand(40000, generator=gen) * 2 - 1}[distribution]()
+    codes = heq_codes(w, heq_step(w, bits), bits)
+    levels = contract.legal_codes(bits)
+    assert set(codes.unique().int().tolist()) <= set(levels)
+    shares = np.array([(codes == c).float().mean().item() for c in levels])
+    # Equal usage is 1/L. One linear step cannot hit every quantile of a heavy-tailed
+    # distribution (Laplace: q(0.6)/q(0.2) = 4.1, the 5-level quantizer's thresholds are 1:3), so
+    # the least-squares fit leaves up to ~0.056 there; it stays within 0.06 on all three.
+    assert np.abs(shares - 1 / len(levels)).max() < 0.06, shares
+    # Far closer to equal than a min-max step (max|w| / top code) on the same weights.
+    naive = heq_codes(w, w.abs().max() / max(max(levels), 1), bits)
+    naive_shares = np.array([(naive == c).float().mean().item() for c in levels])
+    assert np.abs(shares - 1 / len(levels)).max() <= np.abs(naive_shares - 1 / len(levels)).max()
+
+
+def test_straight_through_gradients_reach_every_parameter():
+    spec = random_spec(3)
+    torch.manual_seed(0)
+    model = NQENet(spec)
+    images = torch.randint(0, 256, (8, 3, spec.input_height, spec.input_width))
+    model.calibrate(images)
+    model.train()
+    loss = model.scaled_logits(model(images)).logsumexp(1).mean()
+    loss.backward()
+    for name, p in model.named_parameters():
+        if name.endswith("select_gate"):
+            continue
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+               if n.endswith(".weight"))
+
+
+def test_frozen_shifts_do_not_move():
+    spec = random_spec(5)
+    model = NQENet(spec)
+    images = torch.randint(0, 256, (8, 3, spec.input_height, spec.input_width))
+    model.calibrate(images)
+    model.freeze_shifts()
+    before = {k: g.shift for k, g in model.shift_groups.items()}
+    model.train()
+    model(images * 0 + 255)
+    assert {k: g.shift for k, g in model.shift_groups.items()} == before
+
+
+def _random_specs_covering_every_feature(count=60):
+    seeds, seen = [], set()
+    for seed in range(count):
+        spec = random_spec(seed)
+        seeds.append(seed)
+        for layer in spec.layers():
+            seen.add(("residual", layer.residual))
+            seen.add(("weight_bits", layer.weight_bits))
+            seen.add(("out_bits", layer.out_bits))
+        seen.add(("bottleneck", spec.bottleneck is not None))
+    required = {("residual", r) for r in Residual} | {("weight_bits", b) for b in (1, 2, 3)} | \
+        {("out_bits", b) for b in (1, 2, 3)} | {("bottleneck", True)}
+    assert required <= seen, required - seen
+    return seeds
+
+
+@pytest.mark.parametrize("seed", _random_specs_covering_every_feature())
+def test_trained_style_model_exports_to_identical_integer_logits(seed):
+    """Calibrated fake-quant model (real HEQ weights, BSN biases) vs its exported integer net."""
+    spec = random_spec(seed)
+    torch.manual_seed(seed)
+    model = NQENet(spec)
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (32, spec.input_height, spec.input_width, 3), dtype=np.uint8)
+    batch = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    model.calibrate(batch)
+    with torch.no_grad():           # make MUX gates mixed, as training would
+        for conv in model.convs.values():
+            if conv.select_gate is not None:
+                conv.select_gate.copy_(torch.randn(conv.select_gate.shape))
+    net = integer_network_from_model(model)
+    with torch.no_grad():
+        fake, fake_acts = model(batch, return_activations=True)
+    ref, ref_acts = run_reference(net, images, return_activations=True)
+    for name in ref_acts:
+        assert (fake_acts[name].numpy() == ref_acts[name]).all(), f"seed {seed}, layer {name}"
+    assert (fake.numpy() == ref).all(), f"seed {seed}"
