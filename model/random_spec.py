@@ -53,8 +53,12 @@ def random_spec(seed, max_blocks=3):
     return NetworkSpec(name=f"random-{seed}", stem=stem, blocks=tuple(blocks),
                        input_height=size, input_width=size, bottleneck=bottleneck,
                        head=HeadSpec(num_classes=pick([2, 5, 10]), weight_bits=pick([1, 2, 3])),
-                       hardware=Hardware(weight_word_bits=pick([16, 24, 32, 48]), lanes=4),
+                       hardware=_hardware(pick([16, 24, 32, 48])),
                        budget_bits=1 << 20)
+
+
+def _hardware(word_bits):
+    return Hardware(weight_word_bits=word_bits, lanes=word_bits // 3)
 
 
 def random_integer_network(spec, seed):

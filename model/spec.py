@@ -48,7 +48,7 @@ class LayerKind(enum.Enum):
 class Hardware:
     """Generator parameters shared by the memory map and the RTL (the one config, Gemmini-style)."""
     weight_word_bits: int = 48   # 16 x 3b, 24 x 2b or 48 x 1b codes per weight word
-    lanes: int = 16              # MAC lanes at 3b; 2b and 1b layers use the word's extra codes
+    lanes: int = 16              # = weight_word_bits // 3: 3b products a cycle (2b: x1.5, 1b: x3)
 
 
 @dataclass(frozen=True)
@@ -321,6 +321,11 @@ def _validate(spec):
     if hw.weight_word_bits < 3:
         _fail(spec, "hardware", f"field 'weight_word_bits' must be at least 3, got "
                                 f"{hw.weight_word_bits}")
+    if hw.lanes != hw.weight_word_bits // 3:
+        # The MAC array takes one weight word a cycle: its lane count is the word's 3b codes.
+        _fail(spec, "hardware", f"field 'lanes' must be weight_word_bits // 3 = "
+                                f"{hw.weight_word_bits // 3} (3-bit products a cycle), got "
+                                f"{hw.lanes}")
 
     stem = spec.stem
     for field in ("out_channels", "kernel", "stride"):

@@ -26,11 +26,11 @@ __all__ = ["TrainConfig", "train", "load_checkpoint", "evaluate_model", "augment
 @dataclass
 class TrainConfig:
     spec: str = "nqe-1mb"
-    epochs: int = 30
+    epochs: int = 16
     batch_size: int = 128
-    lr: float = 2e-3
+    lr: float = 5e-3
     weight_decay: float = 0.0
-    freeze_epochs: int = 3          # the last epochs train with BSN shifts frozen
+    freeze_epochs: int = 2          # the last epochs train with BSN shifts frozen
     val_size: int = 5000
     seed: int = 0
     bf16: bool = False              # bf16 autocast for training steps; fp32 measured as fast here

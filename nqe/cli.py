@@ -77,6 +77,19 @@ def cmd_train(args):
     return 0
 
 
+def _train_command(config):
+    """The `nqe train` call that reproduces a run from its saved configuration."""
+    if not config:
+        return ""
+    flags = {"spec": "--spec", "epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr",
+             "freeze_epochs": "--freeze-epochs", "val_size": "--val-size", "seed": "--seed"}
+    parts = ["nqe", "train"] + [f"{flag} {config[key]}" for key, flag in flags.items()
+                                if key in config]
+    if config.get("bf16"):
+        parts.append("--bf16")
+    return " ".join(parts)
+
+
 def cmd_export(args):
     import torch
 
@@ -92,6 +105,7 @@ def cmd_export(args):
         "name": name, "checkpoint": str(args.checkpoint), "epoch": checkpoint.get("epoch"),
         "val_acc": checkpoint.get("val_acc"), "train_config": checkpoint.get("config"),
         "train_seconds": round(sum(r["seconds"] for r in history), 1),
+        "train_command": _train_command(checkpoint.get("config") or {}),
         "history": history,
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "torch": torch.__version__},
@@ -100,7 +114,8 @@ def cmd_export(args):
     net = export_model(model, out, meta)
     loaded = load_weights(out)          # read back through the validating loader
     data = load_cifar10(args.data, train=False)
-    images = data.test_x[:args.check]
+    # test.npz is sorted by class: check a spread over every class, not the first N images.
+    images = data.test_x[::max(1, len(data.test_x) // args.check)][:args.check]
     ref_logits, _ = predict_reference(loaded, images, progress=not args.no_progress)
     model_logits, _ = predict_model(model, images, progress=not args.no_progress)
     mismatches = int((ref_logits != model_logits).any(axis=1).sum())
@@ -181,10 +196,10 @@ def build_parser():
     p = sub.add_parser("train", help="train the fake-quant model (resumable checkpoints)")
     p.add_argument("--spec", default="nqe-1mb", metavar="NAME|FILE")
     p.add_argument("--out", metavar="DIR", help="run folder (default runs/<spec>)")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--freeze-epochs", type=int, default=3,
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--freeze-epochs", type=int, default=2,
                    help="train the last N epochs with BSN shifts frozen")
     p.add_argument("--val-size", type=int, default=5000,
                    help="validation images held out of train (stratified, seeded)")

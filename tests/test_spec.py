@@ -84,6 +84,8 @@ def test_memory_map_is_contiguous_and_consistent():
      r"layer 'b1.pw1': field 'pw_groups'"),
     (lambda d: d["blocks"][2].update(name="b1"), r"'b1' is used twice"),
     (lambda d: d["head"].update(weight_bits=0), r"head: field 'weight_bits'"),
+    (lambda d: d["hardware"].update(lanes=12),
+     r"hardware: field 'lanes' must be weight_word_bits // 3 = 16"),
     (lambda d: d["stem"].update(out_channels=-3), r"stem: field 'out_channels' must be a "
                                                   r"positive integer"),
 ])

@@ -1,0 +1,65 @@
+"""The `nqe` command line: help, JSON reports, exit codes and error messages."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nqe.model.random_spec import random_integer_network
+from nqe.model.spec import load_spec
+from nqe.model.weights_io import write_weights
+
+
+def nqe(*args):
+    return subprocess.run([sys.executable, "-m", "nqe.cli", *args], capture_output=True,
+                          text=True)
+
+
+@pytest.fixture(scope="module")
+def random_weights(tmp_path_factory):
+    """Random legal weights for the real nqe-1mb spec: for CLI behaviour, not accuracy."""
+    folder = tmp_path_factory.mktemp("w") / "random-nqe-1mb"
+    write_weights(random_integer_network(load_spec("nqe-1mb"), seed=11), folder)
+    return folder
+
+
+@pytest.mark.parametrize("command", ["budget", "train", "export", "eval", "bench"])
+def test_help(command):
+    result = nqe(command, "--help")
+    assert result.returncode == 0 and "usage: nqe" in result.stdout
+
+
+def test_eval_json_with_model_comparison(random_weights, cifar_test):
+    result = nqe("eval", "--weights", str(random_weights), "--images", "64", "--json",
+                 "--compare-model", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["images"] == 64
+    assert 0.0 <= report["accuracy"] <= 1.0
+    assert report["model_logit_mismatches"] == 0
+    assert report["model_prediction_mismatches"] == 0
+    assert len(report["per_class_accuracy"]) >= 1
+
+
+def test_bench_json(random_weights, cifar_test):
+    result = nqe("bench", "--weights", str(random_weights), "--images", "100", "--json",
+                 "--batch-size", "50", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    for key in ("integer_reference_images_per_s", "pytorch_images_per_s",
+                "reference_over_pytorch"):
+        assert report[key] > 0
+    assert report["logit_mismatches"] == 0 and report["images"] == 100
+
+
+def test_eval_missing_weights_is_a_clear_error(tmp_path):
+    result = nqe("eval", "--weights", str(tmp_path / "nothing"))
+    assert result.returncode == 2
+    assert f"{tmp_path / 'nothing'}: weights folder not found" in result.stderr
+
+
+def test_eval_missing_data_names_where_it_looked(random_weights, tmp_path):
+    result = nqe("eval", "--weights", str(random_weights), "--data", str(tmp_path / "no-data"))
+    assert result.returncode == 2
+    assert "CIFAR-10 not found" in result.stderr and str(tmp_path / "no-data") in result.stderr

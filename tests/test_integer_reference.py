@@ -1,0 +1,46 @@
+"""The shipped weights on real CIFAR-10 test images: PyTorch model == integer reference."""
+
+import numpy as np
+import pytest
+
+from nqe.model.evaluate import predict_model, predict_reference
+from nqe.model.weights_io import model_from_integer_network
+
+
+def _compare(net, images):
+    ref_logits, ref_preds = predict_reference(net, images, progress=False)
+    model_logits, model_preds = predict_model(model_from_integer_network(net), images,
+                                              progress=False)
+    mismatched = np.flatnonzero((ref_logits != model_logits).any(axis=1))
+    assert mismatched.size == 0, f"logits differ on test images {mismatched[:10].tolist()}"
+    assert (ref_preds == model_preds).all()
+    return ref_preds
+
+
+def test_first_1000_real_test_images_identical_logits(shipped_net, cifar_test):
+    # test.npz is sorted by class: take a spread over all classes, not the first 1,000.
+    index = np.arange(0, 10000, 10)
+    preds = _compare(shipped_net, cifar_test.test_x[index])
+    assert len(preds) == 1000
+    # A trained network, not a constant: it predicts several classes.
+    assert len(np.unique(preds)) >= 5
+
+
+@pytest.mark.slow
+def test_all_10000_real_test_images_identical(shipped_net, cifar_test):
+    _compare(shipped_net, cifar_test.test_x)
+
+
+def test_every_layer_identical_on_real_images(shipped_net, cifar_test):
+    import torch
+
+    from nqe.model.integer_reference import run_reference
+
+    images = cifar_test.test_x[::500]
+    model = model_from_integer_network(shipped_net)
+    with torch.no_grad():
+        _, fake = model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),
+                        return_activations=True)
+    _, ref = run_reference(shipped_net, images, return_activations=True)
+    for name, value in ref.items():
+        assert (fake[name].numpy() == value).all(), name

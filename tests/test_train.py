@@ -1,0 +1,99 @@
+"""Training: seeded, resumable (a resumed run equals an uninterrupted one), exportable."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nqe.model.integer_reference import run_reference
+from nqe.model.spec import BlockSpec, HeadSpec, NetworkSpec, Residual, StemSpec
+from nqe.model.train import TrainConfig, evaluate_model, load_checkpoint, train
+from nqe.model.weights_io import export_model, load_weights
+
+TINY = NetworkSpec(
+    name="tiny", stem=StemSpec(out_channels=8, weight_bits=3, act_bits=2),
+    blocks=(BlockSpec(name="b1", expand=16, out_channels=8, groups=4, stride=2,
+                      residual=Residual.NONE, weight_bits=(2, 3, 2), act_bits=(2, 2, 2)),
+            BlockSpec(name="b2", expand=16, out_channels=8, groups=4, stride=1,
+                      residual=Residual.ADD, weight_bits=(1, 2, 2), act_bits=(2, 2, 2))),
+    head=HeadSpec(num_classes=10, weight_bits=3))
+
+
+@pytest.fixture(scope="module")
+def synthetic_data(tmp_path_factory):
+    """Synthetic CIFAR-shaped data: for unit tests only, never for a reported accuracy."""
+    root = tmp_path_factory.mktemp("data") / "cifar10"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        y = rng.integers(0, 10, 40).astype(np.uint8)
+        # class-dependent brightness so that there is something to learn
+        x = (rng.integers(0, 64, (40, 32, 32, 3)) + y[:, None, None, None] * 19).astype(np.uint8)
+        np.savez_compressed(root / f"train-{i}of5.npz", x=x, y=y)
+    y = rng.integers(0, 10, 30).astype(np.uint8)
+    x = (rng.integers(0, 64, (30, 32, 32, 3)) + y[:, None, None, None] * 19).astype(np.uint8)
+    np.savez_compressed(root / "test.npz", x=x, y=y)
+    return root
+
+
+def _config(tmp_path, data, epochs):
+    spec_path = tmp_path / "tiny.json"
+    spec_path.write_text(TINY.to_json())
+    return TrainConfig(spec=str(spec_path), epochs=epochs, batch_size=32, val_size=50,
+                       freeze_epochs=1, data=str(data), threads=1)
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, synthetic_data):
+    straight, _ = train(_config(tmp_path, synthetic_data, 3), tmp_path / "straight",
+                        progress=False, log=lambda *_: None)
+    partial = tmp_path / "partial"
+    _train_until(_config(tmp_path, synthetic_data, 3), partial, stop_after=2)
+    resumed, history = train(_config(tmp_path, synthetic_data, 3), partial, resume=True,
+                             progress=False, log=lambda *_: None)
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def _train_until(config, out, stop_after):
+    """Run ``train`` but stop (as a killed process would) after ``stop_after`` epochs."""
+    import nqe.model.train as module
+
+    class Stop(Exception):
+        pass
+
+    calls = {"n": 0}
+    original = module.evaluate_model
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        result = original(*args, **kwargs)
+        if calls["n"] > stop_after:
+            raise Stop
+        return result
+
+    module.evaluate_model = counting
+    try:
+        train(config, out, progress=False, log=lambda *_: None)
+    except Stop:
+        pass
+    finally:
+        module.evaluate_model = original
+    assert torch.load(out / "last.pt", weights_only=False)["epoch"] == stop_after
+
+
+def test_export_of_trained_checkpoint_is_bit_exact(tmp_path, synthetic_data):
+    config = _config(tmp_path, synthetic_data, 2)
+    train(config, tmp_path / "run", progress=False, log=lambda *_: None)
+    model, checkpoint = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert checkpoint["spec"] == json.loads(TINY.to_json())
+    export_model(model, tmp_path / "w", {"name": "tiny"})
+    net = load_weights(tmp_path / "w")
+    x = np.load(synthetic_data / "test.npz")["x"]
+    with torch.no_grad():
+        fake = model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    assert (run_reference(net, x) == fake).all()
+    accuracy, _ = evaluate_model(model, x, np.load(synthetic_data / "test.npz")["y"],
+                                 progress=False)
+    assert 0.0 <= accuracy <= 1.0
