@@ -62,10 +62,16 @@ def compute_budget(spec):
     rows.append(BudgetRow("shift table", "shifts",
                           f"{mm.shift_entries} groups x {mm.shift_bits}b",
                           mm.shift_entries * mm.shift_bits))
-    for bank, bits in zip("AB", mm.bank_bits):
-        rows.append(BudgetRow(f"bank {bank}", "activations", "largest map placed in it", bits))
-    rows.append(BudgetRow("bank R", "activations", "largest residual block input",
-                          mm.residual_bits))
+    # Banks are counted as the engine lays them out (power-of-two slots in act_word_bits words),
+    # which can exceed the dense bit count of the largest map.
+    for bank, words, dense in zip("AB", mm.bank_words, mm.bank_bits):
+        rows.append(BudgetRow(f"bank {bank}", "activations",
+                              f"{words} words of {mm.act_word_bits}b (largest map placed in it: "
+                              f"{dense} bits)", words * mm.act_word_bits))
+    rows.append(BudgetRow("bank R", "activations",
+                          f"{mm.residual_words} words of {mm.act_word_bits}b (largest residual "
+                          f"block input: {mm.residual_bits} bits)",
+                          mm.residual_words * mm.act_word_bits))
     rows.append(BudgetRow("descriptor table", "scheduler",
                           f"{len(mm.placements)} layers x {mm.descriptor_bits}b",
                           mm.descriptor_table_bits))

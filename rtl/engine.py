@@ -1,0 +1,365 @@
+"""The layer-sequential engine: descriptor table -> scheduler -> MAC array -> post-accumulation ->
+activation write, one layer at a time, activations ping-ponging between banks A and B."""
+
+from amaranth import *
+from amaranth.lib import data, enum, memory, wiring
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import ceil_log2
+
+from nqe.model.memory_map import build_memory_map
+from nqe.model.spec import LayerKind
+from nqe.rtl.mac_array import MACArray
+from nqe.rtl.post_acc import PostAcc, PostAccMode
+from nqe.rtl.scheduler import OpKind, Scheduler, descriptor_layout
+from nqe.rtl.sram import Bank
+
+__all__ = ["Target", "Engine", "COUNTER_BITS"]
+
+COUNTER_BITS = 32
+_KIND_POOL = list(LayerKind).index(LayerKind.POOL)
+_KIND_CLASSIFIER = list(LayerKind).index(LayerKind.CLASSIFIER)
+
+
+class Target(enum.Enum, shape=3):
+    """Memories the host port reaches."""
+    WEIGHTS = 0        # write: one packed weight word an address
+    BIASES = 1         # write: one two's-complement bias an address
+    SHIFTS = 2         # write: one BSN shift per shift group
+    SELECTS = 3        # write: one mux-select bit per address
+    ACT_A = 4          # write/read: activation bank A words (the image goes here)
+    ACT_B = 5          # read: activation bank B words
+    LAYER_CYCLES = 6   # read: cycles each layer took in the last run
+
+
+class Engine(wiring.Component):
+    """Runs layers ``first_layer .. last_layer`` of a spec on the image (or maps) in its banks.
+
+    Dataflow per layer (the descriptor table, :meth:`MemoryMap.descriptors`, is a ROM here):
+    the :class:`~nqe.rtl.scheduler.Scheduler` emits one op a cycle. A LOAD reads the layer's input
+    bank (A or B: ``in_bank``) and writes one activation into the window register; a MAC reads
+    one word of the weight bank and presents it to the :class:`~nqe.rtl.mac_array.MACArray`, lane
+    ``i`` taking window entry ``offset + i`` (0 outside the fan-in). Each finished dot product
+    meets its bias (bias bank), its mux select bit, and its skip activation (residual bank R, read
+    in output order) at the :class:`~nqe.rtl.post_acc.PostAcc`, whose output is packed into the
+    output bank (``out_bank``) in HWC order (see :mod:`nqe.model.memory_map`); a layer whose output
+    is a residual block's input writes the same words to R. Global sum pooling runs on the same
+    path with an all-ones 1-bit weight word and ``LOGIT`` mode (no bias); the classifier writes
+    its logits (two's complement slots) and tracks the arg-max (lowest index wins a tie).
+
+    Pipeline: op issue (bank reads) -> window write / MAC input -> +2 MAC -> +3 PostAcc -> write,
+    so a layer's last output is written 6 cycles after its last op; the engine then drains and
+    fetches the next descriptor and shift (``LAYER_GAP`` cycles between layers).
+
+    Latency/throughput: one op a cycle with no stall inside a layer; a layer takes exactly
+    ``len(reference_ops(desc)) + LAYER_GAP`` cycles (tested). MAC utilization is lost to LOAD ops,
+    to words straddling two output channels and to digit-serial wide inputs (see ``Scheduler``),
+    and to the ``LAYER_GAP`` per layer (negligible). For nqe-1mb this first version needs about
+    3.91 M cycles an image against an ideal of 1.53 M (2.57x; goal 1.15x): group-wise layers
+    5.3x (loads: 36 of every 48 cycles), the stem 5.2x (8-bit digit-serial, 3 cycles a word, and
+    27-code channels straddling words), pointwise layers 1.2-2.0x. What recovers it, in order of
+    gain: (1) a double-buffered window filled while the MACs run (loads hidden for pointwise
+    layers); (2) word-wide loads (one HWC bank word holds up to 16-48 channels of a pixel) and
+    several output pixels per window for group-wise layers; (3) channel-aligned weight words
+    (pad each output channel's codes to whole words in ``weight_stream``), which also removes
+    the lane rotation; (4) a wider-lane stem path for the 8-bit image.
+
+    FPGA fit (iCE40UP5K): not yet. The lane crossbar (``weight_word_bits`` lanes, each a
+    ``window_size``-to-1 multiplexer of ``max in_bits`` bits) is far beyond 5,280 LUTs at nqe-1mb
+    sizes (48 x 256 entries). With channel-aligned weight words (item 3) lane ``i`` of the word
+    ``j`` of a channel reads window entry ``j * codes_per_word + i``: the window becomes a small
+    memory of ``codes_per_word``-lane rows read one row a cycle, with no crossbar. The scheduler's
+    two address multipliers use 2 of the 8 DSPs.
+
+    Members
+    -------
+    start : In(1)
+        Pulse (while not ``busy``): run layers ``first_layer`` to ``last_layer``.
+    first_layer, last_layer : In(range(layers))
+    busy : Out(1)
+    class_index : Out(range(classes))
+        Arg-max of the logits of the last classifier run.
+    total_cycles, mac_cycles : Out(32)
+        Cycles of the last run, and those with a word entering the MAC array.
+    host_write : In(...)
+        ``en``, ``target`` (:class:`Target`), ``addr``, ``data``: one word into a memory, ignored
+        while ``busy``.
+    host_read : In(...)
+        ``target``, ``addr`` in, ``data`` out one cycle later (banks A/B, layer cycles); only
+        while not ``busy``.
+    """
+
+    LAYER_GAP = 12
+    DRAIN_CYCLES = 8   # > the 6-cycle op-to-write pipeline, so the next layer reads written data
+
+    def __init__(self, spec):
+        self._spec = spec
+        self._mm = mm = build_memory_map(spec)
+        self._layers = spec.layers()
+        self._rows = mm.descriptors(spec)
+        self._mac = MACArray.from_spec(spec)
+        self._post = PostAcc.from_spec(spec)
+        self._sched = Scheduler(mm, spec)
+        depths = {
+            Target.WEIGHTS: mm.weight_words, Target.BIASES: mm.bias_words,
+            Target.SHIFTS: mm.shift_entries, Target.SELECTS: mm.select_bits,
+            Target.ACT_A: mm.bank_words[0], Target.ACT_B: mm.bank_words[1],
+            Target.LAYER_CYCLES: len(self._layers),
+        }
+        widths = {
+            Target.WEIGHTS: mm.weight_word_bits, Target.BIASES: mm.bias_word_bits,
+            Target.SHIFTS: max(mm.shift_bits, 1), Target.SELECTS: 1,
+            Target.ACT_A: mm.act_word_bits, Target.ACT_B: mm.act_word_bits,
+            Target.LAYER_CYCLES: COUNTER_BITS,
+        }
+        self._depths, self._widths = depths, widths
+        addr_bits = ceil_log2(max(max(depths.values()), 2))
+        data_bits = max(widths.values())
+        n = len(self._layers)
+        super().__init__({
+            "start": In(1),
+            "first_layer": In(range(n)),
+            "last_layer": In(range(n)),
+            "busy": Out(1),
+            "class_index": Out(range(max(spec.num_classes, 2))),
+            "total_cycles": Out(COUNTER_BITS),
+            "mac_cycles": Out(COUNTER_BITS),
+            "host_write": In(data.StructLayout({"en": 1, "target": Target,
+                                                "addr": addr_bits, "data": data_bits})),
+            "host_read": In(data.StructLayout({"target": Target, "addr": addr_bits})),
+            "host_read_data": Out(data_bits),
+        })
+
+    @property
+    def memory_map(self):
+        return self._mm
+
+    def depth(self, target):
+        return self._depths[Target(target)]
+
+    def width(self, target):
+        return self._widths[Target(target)]
+
+    @property
+    def result_bank(self):
+        """The bank (Target.ACT_A or ACT_B) holding the last layer's output."""
+        return Target.ACT_B if self._mm.placements[-1].out_bank else Target.ACT_A
+
+    def elaborate(self, platform):
+        m = Module()
+        mm, spec = self._mm, self._spec
+        m.submodules.mac = mac = self._mac
+        m.submodules.post = post = self._post
+        m.submodules.sched = sched = self._sched
+
+        def bank(name, target_width, depth):
+            b = Bank(target_width, max(depth, 1))
+            m.submodules[name] = b
+            m.d.comb += b.read.en.eq(1)
+            return b
+
+        weights = bank("weights", mm.weight_word_bits, mm.weight_words)
+        biases = bank("biases", mm.bias_word_bits, mm.bias_words)
+        shifts = bank("shifts", max(mm.shift_bits, 1), mm.shift_entries)
+        selects = bank("selects", 1, mm.select_bits)
+        act = [bank("act_a", mm.act_word_bits, mm.bank_words[0]),
+               bank("act_b", mm.act_word_bits, mm.bank_words[1])]
+        residual = bank("residual", mm.act_word_bits, mm.residual_words)
+        cycles_mem = bank("layer_cycles", COUNTER_BITS, len(self._layers))
+
+        desc_layout = descriptor_layout(mm)
+        m.submodules.descriptors = rom = memory.Memory(
+            shape=desc_layout, depth=len(self._rows), init=self._rows)
+        rom_rd = rom.read_port()
+
+        d = Signal(desc_layout)
+        shift = Signal(range(self._post.max_shift + 1))
+        m.d.comb += sched.desc.eq(d)
+        m.d.comb += sched.ops.ready.eq(1)
+
+        # ---- host access while idle
+        hw, hr = self.host_write, self.host_read
+        idle = ~self.busy
+        for target, b in ((Target.WEIGHTS, weights), (Target.BIASES, biases),
+                          (Target.SHIFTS, shifts), (Target.SELECTS, selects),
+                          (Target.ACT_A, act[0])):
+            with m.If(idle):
+                m.d.comb += [b.write.en.eq(hw.en & (hw.target == target)),
+                             b.write.addr.eq(hw.addr), b.write.data.eq(hw.data)]
+        read_target = Signal(Target)
+        m.d.sync += read_target.eq(hr.target)
+        with m.If(idle):
+            m.d.comb += [act[0].read.addr.eq(hr.addr), act[1].read.addr.eq(hr.addr),
+                         cycles_mem.read.addr.eq(hr.addr)]
+        with m.Switch(read_target):
+            with m.Case(Target.ACT_A):
+                m.d.comb += self.host_read_data.eq(act[0].read.data)
+            with m.Case(Target.ACT_B):
+                m.d.comb += self.host_read_data.eq(act[1].read.data)
+            with m.Case(Target.LAYER_CYCLES):
+                m.d.comb += self.host_read_data.eq(cycles_mem.read.data)
+
+        # ---- stage 0: the op's bank reads
+        op = sched.ops.payload
+        with m.If(self.busy):
+            m.d.comb += [act[0].read.addr.eq(op.act_addr), act[1].read.addr.eq(op.act_addr),
+                         weights.read.addr.eq(op.weight_addr)]
+        s1 = Signal.like(op)
+        s1_load = Signal()
+        s1_mac = Signal()
+        m.d.sync += [s1.eq(op),
+                     s1_load.eq(sched.ops.valid & (op.kind == OpKind.LOAD)),
+                     s1_mac.eq(sched.ops.valid & (op.kind == OpKind.MAC))]
+
+        # ---- stage 1: window write (LOAD) or MAC input (MAC)
+        window_bits = max(layer.in_bits for layer in self._layers)
+        window = Array(Signal(window_bits, name=f"win{i}") for i in range(sched.window_size))
+        in_word = Signal(mm.act_word_bits)
+        m.d.comb += in_word.eq(Mux(d.in_bank, act[1].read.data, act[0].read.data))
+        in_slot_bits = Signal(range(mm.act_word_bits + 1))
+        m.d.comb += in_slot_bits.eq(1 << d.in_slot_log2)
+        in_value = Signal(window_bits)
+        m.d.comb += in_value.eq((in_word >> (s1.act_slot << d.in_slot_log2))
+                                & ((1 << in_slot_bits) - 1))
+        with m.If(s1_load):
+            m.d.sync += window[s1.win].eq(Mux(s1.zero, 0, in_value))
+
+        is_pool = Signal()
+        m.d.comb += is_pool.eq(d.kind == _KIND_POOL)
+        lane_bits = mac.lane_act_bits
+        m.d.comb += [
+            mac.weight_bits.eq(d.mac_weight_bits),
+            mac.input.valid.eq(s1_mac),
+            mac.input.payload.weights.eq(Mux(is_pool, (1 << mm.weight_word_bits) - 1,
+                                             weights.read.data)),
+            mac.input.payload.digit.eq(s1.digit),
+            mac.input.payload.first.eq(s1.first),
+            mac.input.payload.last.eq(s1.last),
+        ]
+        for lane in range(mm.weight_word_bits):
+            f = Signal(signed(len(s1.offset) + 1), name=f"f{lane}")
+            m.d.comb += f.eq(s1.offset + lane)
+            inside = (f >= 0) & (f < d.fan_in)
+            entry = window[f.as_unsigned()[:ceil_log2(max(sched.window_size, 2))]]
+            digit_value = (entry >> (s1.digit * lane_bits))[:lane_bits]
+            m.d.comb += mac.input.payload.activations[lane].eq(Mux(inside, digit_value, 0))
+
+        # ---- stage 2: bias, select and skip reads for a finished dot product
+        s2_last = Signal()
+        s2_channel = Signal.like(op.channel)
+        s2_end = Signal()
+        m.d.sync += [s2_last.eq(s1_mac & s1.last), s2_channel.eq(s1.channel),
+                     s2_end.eq(s1_mac & s1.last & s1.end)]
+        skip_k = Signal(range(max(mm.residual_words, 1) * mm.act_word_bits + 1))
+        skip_mask = Signal(ceil_log2(mm.act_word_bits) + 1)
+        m.d.comb += skip_mask.eq((1 << d.skip_elems_log2) - 1)
+        m.d.comb += [biases.read.addr.eq(d.bias_base + s2_channel),
+                     selects.read.addr.eq(d.select_base + s2_channel),
+                     residual.read.addr.eq(skip_k >> d.skip_elems_log2)]
+        s3_skip_slot = Signal.like(skip_mask)
+        s3_end = Signal()
+        m.d.sync += [s3_skip_slot.eq(skip_k & skip_mask), s3_end.eq(s2_end)]
+        with m.If(s2_last):
+            m.d.sync += skip_k.eq(skip_k + 1)
+
+        # ---- stage 3: post-accumulation
+        skip_value = Signal(self._post.skip_bits_max)
+        skip_slot_bits = Signal(range(mm.act_word_bits + 1))
+        m.d.comb += skip_slot_bits.eq(1 << d.skip_slot_log2)
+        m.d.comb += skip_value.eq((residual.read.data >> (s3_skip_slot << d.skip_slot_log2))
+                                  & ((1 << skip_slot_bits) - 1))
+        mode = Signal(PostAccMode)
+        with m.If((d.kind == _KIND_POOL) | (d.kind == _KIND_CLASSIFIER)):
+            m.d.comb += mode.eq(PostAccMode.LOGIT)
+        with m.Else():
+            m.d.comb += mode.eq(d.residual)    # Residual order NONE, ADD, MUX, OR = mode 0..3
+        m.d.comb += [
+            post.mode.eq(mode), post.shift.eq(shift), post.out_bits.eq(d.out_bits),
+            post.skip_bits.eq(d.skip_bits),
+            post.input.valid.eq(mac.result.valid),
+            post.input.payload.acc.eq(mac.result.payload),
+            post.input.payload.bias.eq(Mux(is_pool, 0, biases.read.data.as_signed())),
+            post.input.payload.skip.eq(skip_value),
+            post.input.payload.select.eq(selects.read.data),
+        ]
+        end_line = Signal(3)
+        m.d.sync += end_line.eq(Cat(s3_end, end_line[:-1]))
+        out_end = end_line[-1]
+
+        # ---- stage 6: pack outputs into the output bank (HWC, sequential) and R
+        k = Signal(range(max(mm.bank_words) * mm.act_word_bits + 1))
+        word = Signal(mm.act_word_bits)
+        out_mask = Signal(ceil_log2(mm.act_word_bits) + 1)
+        m.d.comb += out_mask.eq((1 << d.out_elems_log2) - 1)
+        out_slot = Signal.like(out_mask)
+        m.d.comb += out_slot.eq(k & out_mask)
+        out_slot_bits = Signal(range(mm.act_word_bits + 1))
+        m.d.comb += out_slot_bits.eq(1 << d.out_slot_log2)
+        value = Signal(signed(max(mm.act_word_bits, len(post.output.payload))))
+        m.d.comb += value.eq(post.output.payload)
+        field = Signal(mm.act_word_bits)
+        m.d.comb += field.eq((value.as_unsigned() & ((1 << out_slot_bits) - 1))
+                             << (out_slot << d.out_slot_log2))
+        merged = Signal(mm.act_word_bits)
+        m.d.comb += merged.eq(word | field)
+        flush = Signal()
+        m.d.comb += flush.eq(post.output.valid & ((out_slot == out_mask) | out_end))
+        out_addr = Signal(range(max(mm.bank_words) + 1))
+        m.d.comb += out_addr.eq(k >> d.out_elems_log2)
+        with m.If(post.output.valid):
+            m.d.sync += [k.eq(k + 1), word.eq(Mux(flush, 0, merged))]
+        with m.If(self.busy):
+            for index, b in enumerate(act):
+                m.d.comb += [b.write.en.eq(flush & (d.out_bank == index)),
+                             b.write.addr.eq(out_addr), b.write.data.eq(merged)]
+        m.d.comb += [residual.write.en.eq(flush & d.save_residual),
+                     residual.write.addr.eq(out_addr), residual.write.data.eq(merged)]
+
+        best = Signal.like(post.output.payload)
+        with m.If(post.output.valid & (d.kind == _KIND_CLASSIFIER)):
+            with m.If((k == 0) | (post.output.payload > best)):
+                m.d.sync += [best.eq(post.output.payload), self.class_index.eq(k)]
+
+        # ---- layer sequencing and counters
+        layer = Signal.like(self.last_layer)
+        last_layer = Signal.like(self.last_layer)
+        layer_cycles = Signal(COUNTER_BITS)
+        drain = Signal(range(self.DRAIN_CYCLES))
+        m.d.comb += [rom_rd.addr.eq(layer), shifts.read.addr.eq(rom_rd.data.shift_index)]
+        with m.If(self.busy):
+            m.d.sync += [self.total_cycles.eq(self.total_cycles + 1),
+                         layer_cycles.eq(layer_cycles + 1)]
+            with m.If(s1_mac):
+                m.d.sync += self.mac_cycles.eq(self.mac_cycles + 1)
+        with m.FSM():
+            with m.State("IDLE"):
+                with m.If(self.start):
+                    m.d.sync += [self.busy.eq(1), layer.eq(self.first_layer),
+                                 last_layer.eq(self.last_layer), self.total_cycles.eq(0),
+                                 self.mac_cycles.eq(0), layer_cycles.eq(0)]
+                    m.next = "FETCH"
+            with m.State("FETCH"):        # descriptor read in flight
+                m.next = "SHIFT"
+            with m.State("SHIFT"):        # descriptor here; its shift read in flight
+                m.d.sync += d.eq(rom_rd.data)
+                m.next = "LAUNCH"
+            with m.State("LAUNCH"):
+                m.d.sync += [shift.eq(shifts.read.data), k.eq(0), skip_k.eq(0), word.eq(0)]
+                m.d.comb += sched.start.eq(1)
+                m.next = "RUN"
+            with m.State("RUN"):
+                with m.If(sched.done):
+                    m.d.sync += drain.eq(self.DRAIN_CYCLES - 1)
+                    m.next = "DRAIN"
+            with m.State("DRAIN"):
+                m.d.sync += drain.eq(drain - 1)
+                with m.If(drain == 0):
+                    m.d.comb += [cycles_mem.write.en.eq(1), cycles_mem.write.addr.eq(layer),
+                                 cycles_mem.write.data.eq(layer_cycles + 1)]
+                    m.d.sync += [layer.eq(layer + 1), layer_cycles.eq(0)]
+                    with m.If(layer == last_layer):
+                        m.d.sync += self.busy.eq(0)
+                        m.next = "IDLE"
+                    with m.Else():
+                        m.next = "FETCH"
+        return m
+
