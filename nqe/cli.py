@@ -1,4 +1,4 @@
-"""The ``nqe`` command line: train, export, eval, budget, bench.
+"""The ``nqe`` command line: train, export, eval, budget, bench, verilog.
 
 Exit codes: 0 success; 1 a check failed (budget exceeded, mismatches found); 2 bad input (spec,
 weights, data), with one message naming the file, layer and field.
@@ -172,6 +172,39 @@ def cmd_bench(args):
     return 1 if report["logit_mismatches"] else 0
 
 
+# -- verilog -----------------------------------------------------------------------------------
+
+
+def cmd_verilog(args):
+    from nqe.rtl.generate import generate, lint
+
+    log = (lambda *_: None) if args.json else print
+    report = generate(args.weights, args.out, module=args.module,
+                      memory_init=args.memory_init, log=log)
+    status = 0
+    if not args.no_lint:
+        from nqe.cosim.toolchain import ToolchainError, find_verilator
+        try:
+            toolchain = find_verilator()
+        except ToolchainError as error:
+            print(f"nqe verilog: error: cannot lint: {error}", file=sys.stderr)
+            return 2
+        with toolchain.activated():
+            ok, text = lint(Path(args.out) / report["top"], args.module)
+        report["lint"] = {"ok": ok, "verilator": str(toolchain.version),
+                          "waivers": sorted(report["lint_waivers"])}
+        if not ok:
+            print(text, file=sys.stderr)
+            status = 1
+        log(f"verilator {toolchain.version} --lint-only -Wall: {'clean' if ok else 'FAILED'} "
+            f"(waived: {', '.join(sorted(report['lint_waivers']))})")
+    if args.json:
+        _print_json(report)
+    else:
+        print(f"map: {Path(args.out) / (args.module + '.json')}")
+    return status
+
+
 # -- parser ------------------------------------------------------------------------------------
 
 
@@ -239,6 +272,15 @@ def build_parser():
         else:
             p.add_argument("--batch-size", type=int, default=250)
             p.add_argument("--threads", type=int, default=0)
+    p = sub.add_parser("verilog", help="generate the accelerator's Verilog for a weights folder")
+    p.add_argument("--weights", default="weights/nqe-1mb", metavar="DIR")
+    p.add_argument("-o", "--out", default="build/verilog", metavar="DIR")
+    p.add_argument("--module", default="nqe_top", help="top module name")
+    p.add_argument("--memory-init", action="store_true",
+                   help="also write $readmemh images of the weight and bias SRAMs (ROM build)")
+    p.add_argument("--no-lint", action="store_true", help="skip verilator --lint-only -Wall")
+    p.add_argument("--json", action="store_true", help="print the JSON map")
+    p.set_defaults(func=cmd_verilog)
     return parser
 
 

@@ -152,7 +152,9 @@ class Engine(wiring.Component):
         m.submodules.sched = sched = self._sched
 
         def bank(name, target_width, depth):
-            b = Bank(target_width, max(depth, 1))
+            # At least 2 words: a memory a spec leaves empty (no mux layer: no selects) keeps a
+            # 1-bit address instead of a zero-width one (`wire [-1:0]` in the Verilog).
+            b = Bank(target_width, max(depth, 2))
             m.submodules[name] = b
             m.d.comb += b.read.en.eq(1)
             return b
