@@ -30,8 +30,11 @@ def random_spec(seed, max_blocks=3):
         stride = pick([1, 1, 2]) if size // 2 ** sum(b.stride == 2 for b in blocks) >= 4 else 1
         acts = (pick([1, 2, 3]), pick([1, 2, 3]), pick([1, 2, 3]))
         residual = Residual.NONE
-        out = pick([channels, 4, 8])
-        if stride == 1 and out == channels and rng.random() < 0.7:
+        # Stride-1 blocks mostly keep their width and take a residual, so that every residual
+        # mode is common among the seeds; the others change width.
+        keep = stride == 1 and rng.random() < 0.7
+        out = channels if keep else pick([4, 8])
+        if keep:
             residual = pick([Residual.ADD, Residual.MUX, Residual.OR])
             if residual is Residual.ADD:
                 acts = acts[:2] + (bits,)

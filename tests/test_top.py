@@ -8,7 +8,7 @@ import pytest
 from amaranth.sim import Simulator
 
 from nqe.model.integer_reference import run_reference
-from nqe.model.random_spec import random_integer_network
+from nqe.model.random_spec import random_integer_network, random_spec
 from nqe.rtl import host as host_module
 from nqe.rtl.engine import Engine
 from nqe.rtl.host import HostProtocol
@@ -67,10 +67,22 @@ def test_protocol_constants_match_the_host_driver():
     assert {s.value: s.name for s in Status} == host_module.STATUSES
 
 
-@pytest.mark.parametrize("variant", [0, 1])
-def test_end_to_end_matches_reference(variant):
-    spec = tiny_spec(variant)
-    seed = SEED + 100 + variant
+# Random specs (model.random_spec) chosen for short simulations that together cover the residual
+# modes: 23 add, 30 or + bottleneck, 11 mux, 35 add and mux.
+RANDOM_SPEC_SEEDS = (23, 30, 11, 35)
+
+
+def _case(case):
+    kind, number = case.split("-")
+    if kind == "tiny":
+        return tiny_spec(int(number)), SEED + 100 + int(number)
+    return random_spec(int(number)), int(number)
+
+
+@pytest.mark.parametrize("case", ["tiny-0", "tiny-1"] +
+                         [f"random-{seed}" for seed in RANDOM_SPEC_SEEDS])
+def test_end_to_end_matches_reference(case):
+    spec, seed = _case(case)
     print(f"spec {spec.name}, seed {seed}")
     net = random_integer_network(spec, seed)
     image = _image(spec, seed)
