@@ -20,9 +20,9 @@ import warnings
 from pathlib import Path
 
 from amaranth.back import verilog
-from amaranth.hdl import Const, Value, ValueCastable
-from amaranth.hdl import _ir  # PortDirection: the type verilog.convert's own port list uses
 from amaranth.lib import wiring
+
+from nqe.rtl.generate import verilog_ports
 
 from .toolchain import Toolchain, find_verilator
 
@@ -108,24 +108,9 @@ def _waves_format(waves):
     return "vcd"
 
 
-def component_ports(component):
-    """The Verilog ports of a :class:`~amaranth.lib.wiring.Component`, as ``verilog.convert``
-    takes them: ``{"stream__valid": (signal, direction), ...}``.
-
-    Amaranth 0.5's own conversion stops at a constant member ("Only signals and IO ports may be
-    added as ports, not (const 1'd1)"): the ``ready`` of an ``always_ready`` stream, as in
-    ``rtl/mac_array.py`` and ``rtl/post_acc.py``. Constants are left out here; a bench
-    knows such a stream is always ready and the simulator has no port for it.
-    """
-    ports = {}
-    for path, member, value in component.signature.flatten(component):
-        if isinstance(value, ValueCastable):
-            value = value.as_value()
-        if isinstance(value, Value) and not isinstance(value, Const):
-            direction = (_ir.PortDirection.Input if member.flow == wiring.In
-                         else _ir.PortDirection.Output)
-            ports["__".join(map(str, path))] = (value, direction)
-    return ports
+# The Verilog ports of a Component (constant always-ready members left out): one definition, in
+# the Verilog generator, shared with the benches.
+component_ports = verilog_ports
 
 
 def write_verilog(component, name, path, ports=None):

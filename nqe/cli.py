@@ -112,6 +112,11 @@ def cmd_export(args):
     }
     out = Path(args.out or f"weights/{name}")
     net = export_model(model, out, meta)
+    # The trained float model beside its integer export (no optimizer state: ~1 MB): the
+    # fake-quant model can be re-checked against the weights, or fine-tuned, from a fresh clone.
+    torch.save({key: checkpoint[key] for key in ("spec", "model", "config", "epoch", "val_acc",
+                                                 "history") if key in checkpoint},
+               out / "float_checkpoint.pt")
     loaded = load_weights(out)          # read back through the validating loader
     data = load_cifar10(args.data, train=False)
     # test.npz is sorted by class: check a spread over every class, not the first N images.

@@ -146,7 +146,7 @@ class Engine(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        mm, spec = self._mm, self._spec
+        mm = self._mm
         m.submodules.mac = mac = self._mac
         m.submodules.post = post = self._post
         m.submodules.sched = sched = self._sched

@@ -44,3 +44,19 @@ def test_every_layer_identical_on_real_images(shipped_net, cifar_test):
     _, ref = run_reference(shipped_net, images, return_activations=True)
     for name, value in ref.items():
         assert (fake[name].numpy() == value).all(), name
+
+
+def test_trained_fake_quant_model_equals_exported_weights(shipped_net, cifar_test):
+    """The trained model itself (HEQ real weights, learned biases, frozen shifts), not a model
+    rebuilt from the integer weights, against the integer reference on 1,000 real images."""
+    from conftest import SHIPPED_WEIGHTS
+
+    from nqe.model.train import load_checkpoint
+
+    model, _ = load_checkpoint(SHIPPED_WEIGHTS / "float_checkpoint.pt")
+    images = cifar_test.test_x[5::10]
+    model_logits, _ = predict_model(model, images, progress=False)
+    ref_logits, _ = predict_reference(shipped_net, images, progress=False)
+    assert len(images) == 1000
+    mismatched = np.flatnonzero((ref_logits != model_logits).any(axis=1))
+    assert mismatched.size == 0, f"logits differ on images {mismatched[:10].tolist()}"
