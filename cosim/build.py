@@ -203,3 +203,32 @@ def start_clock(clk, period_ns=CLOCK_PERIOD_NS):
     clock = Clock(clk, period_ns, unit="ns", impl="gpi")
     clock.start()
     return clock
+
+
+#: Environment variable that replays a bench's random run (read by the benches and wrappers).
+SEED_VARIABLE = "NQE_COSIM_SEED"
+
+
+def draw_seed():
+    """The seed of this pytest session's bench runs: ``$NQE_COSIM_SEED`` or a fresh random one."""
+    import random
+
+    text = os.environ.get(SEED_VARIABLE)
+    return int(text) if text else random.SystemRandom().randrange(1 << 32)
+
+
+def run_seeded_bench(sim, test_module, testcase, seed, test_file, extra_env=None):
+    """Run one cocotb ``testcase`` with ``seed``; a failure names the seed and the replay command.
+
+    Fails too when no test of that name ran (a renamed cocotb test would otherwise pass)."""
+    from cocotb_tools.runner import get_results
+
+    print(f"{SEED_VARIABLE}={seed}")
+    try:
+        results = run_bench(sim, test_module, seed=seed, testcase=testcase,
+                            extra_env={SEED_VARIABLE: seed, **(extra_env or {})})
+    except SystemExit as error:      # cocotb's runner exits when a cocotb test fails
+        raise AssertionError(f"[{SEED_VARIABLE}={seed}] {testcase} failed (log above); replay: "
+                             f"{SEED_VARIABLE}={seed} pytest {test_file}") from error
+    assert get_results(results)[0] == 1, f"no cocotb test named {testcase!r}"
+    return results
