@@ -1,11 +1,13 @@
-"""The ``nqe`` command line: train, export, eval, budget, bench, verilog.
+"""The ``nqe`` command line: train, export, eval, budget, bench, verilog, cosim.
 
 Exit codes: 0 success; 1 a check failed (budget exceeded, mismatches found); 2 bad input (spec,
 weights, data), with one message naming the file, layer and field.
 """
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import sys
 import time
@@ -210,6 +212,56 @@ def cmd_verilog(args):
     return status
 
 
+# -- cosim -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr(active):
+    """Send everything written to file descriptor 1 (Verilator, make and cocotb subprocesses
+    included) to stderr, so that stdout carries only the JSON report."""
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def cmd_cosim(args):
+    import numpy as np
+
+    from nqe.cosim.network import cosimulate
+
+    _, images, labels = _load_test_set(argparse.Namespace(data=args.data, images=0))
+    # test.npz is sorted by class: take every k-th image so that N images span all classes.
+    index = np.linspace(0, len(images) - 1, args.images).round().astype(int)
+    log = (lambda *_: None) if args.json else print
+    with _stdout_to_stderr(args.json):
+        report = cosimulate(args.weights, images[index], labels[index], stalls=args.stalls,
+                            debug=args.debug, check_layers=args.check_layers, seed=args.seed,
+                            log=log)
+    report["test_image_indices"] = index.tolist()
+    if args.json:
+        _print_json(report)
+    else:
+        util = report["mac_utilization"]
+        print(f"{report['images']} images, {report['mismatches']} mismatches, accuracy "
+              f"{report['accuracy']:.4f}")
+        print(f"cycles/image {report['cycles_per_image']:,.0f} (ideal "
+              f"{report['ideal_cycles_per_image']:,.0f}), MAC utilization {util['overall']:.3f}")
+        for name, value in util["layers"].items():
+            print(f"  {name:<12} {value:.3f}")
+        print(f"simulated {report['sim_cycles_per_s']:,.0f} cycles/s, "
+              f"{report['wall_seconds_per_image']:.2f} s/image")
+    return 1 if report["mismatches"] else 0
+
+
 # -- parser ------------------------------------------------------------------------------------
 
 
@@ -286,10 +338,26 @@ def build_parser():
     p.add_argument("--no-lint", action="store_true", help="skip verilator --lint-only -Wall")
     p.add_argument("--json", action="store_true", help="print the JSON map")
     p.set_defaults(func=cmd_verilog)
+
+    p = sub.add_parser("cosim", help="RTL on Verilator vs the integer reference, real test images")
+    p.add_argument("--weights", default="weights/nqe-1mb", metavar="DIR")
+    p.add_argument("--images", type=int, default=100,
+                   help="test images, spread over all classes (default 100)")
+    p.add_argument("--stalls", action="store_true", help="random valid/ready stalls on the host "
+                                                         "streams")
+    p.add_argument("--check-layers", action="store_true",
+                   help="compare every layer's output bank, not only the result")
+    p.add_argument("--debug", action="store_true",
+                   help="waveforms, and name the first mismatching layer/channel/pixel")
+    p.add_argument("--seed", type=int, default=0, help="seed of the stall draws")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    data_option(p)
+    p.set_defaults(func=cmd_cosim)
     return parser
 
 
 def main(argv=None):
+    from nqe.cosim.toolchain import ToolchainError
     from nqe.model.contract import ContractError
     from nqe.model.data import DataError
     from nqe.model.spec import SpecError
@@ -298,7 +366,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SpecError, WeightsError, ContractError, DataError) as error:
+    except (SpecError, WeightsError, ContractError, DataError, ToolchainError) as error:
         print(f"nqe {args.command}: error: {error}", file=sys.stderr)
         return 2
 
