@@ -32,9 +32,9 @@ Parameters (environment variables; :func:`nqe.cosim.network.cosimulate` sets the
 
 Layer read-back: the host protocol returns only the final map (READ_RESULT), so a mismatch found
 through it names an output channel/pixel (a logit, or a code bit's channel and pixel). The layer
-watcher goes further through the simulator's hierarchy (cocotb's Verilator builds are
-``--public-flat-rw``): it wakes when the engine's ``layer`` index changes and reads the ping-pong
-bank the finished layer wrote (``act_a`` or ``act_b``, from the memory map) before the next layer
+watcher goes further through the simulator's hierarchy (the ``"visible"`` build, with cocotb's
+``--public-flat-rw``; the ``"fast"`` build makes only the ports public): it wakes when the
+engine's ``layer`` index changes and reads the ping-pong bank the finished layer wrote (``act_a`` or ``act_b``, from the memory map) before the next layer
 overwrites it, naming the first mismatching layer, channel and pixel. It runs on every RUN with
 ``NQE_COSIM_CHECK_LAYERS=1`` (random weights often make the logits independent of the image, so
 the final map alone would miss most early-layer faults), and in debug mode on a rerun of an image

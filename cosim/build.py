@@ -8,11 +8,18 @@ bench at about 110,000 cycles/s. Benches built on this module therefore start th
 :func:`start_clock` (cocotb's GPI clock: it toggles in C, inside the simulator loop, at
 420,000-520,000 cycles/s) and wake Python only on the events they need: stream transfers,
 ``done``, and a few cycles around reset (see :mod:`nqe.cosim.streams`).
+
+cocotb's Verilator runner always builds with ``--public-flat-rw`` (every signal reachable and
+writable through VPI), which keeps Verilator from optimizing and costs about 4x on the network
+designs. :func:`verilator_build` with ``visible=False`` leaves it out; a control file from
+:func:`write_ports_control_file` then makes the top's ports public, all that cocotb's drivers,
+monitors and clock need (``nqe.cosim.network`` uses it for speed runs).
 """
 
 import dataclasses
 import functools
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -27,7 +34,8 @@ from nqe.rtl.generate import verilog_ports
 from .toolchain import Toolchain, find_verilator
 
 __all__ = ["CLOCK_PERIOD_NS", "TIMESCALE", "VERILATOR_WAIVERS", "SimBuild", "build_simulator",
-           "component_ports", "fst_supported", "run_bench", "start_clock", "write_verilog"]
+           "component_ports", "fst_supported", "port_declarations", "run_bench", "start_clock",
+           "verilator_build", "write_ports_control_file", "write_verilog"]
 
 #: Warnings waived for Amaranth's Verilog (Yosys' `write_verilog`), and only these; every other
 #: warning stays fatal. Each is a rendering habit of the generator, not a design fault: Amaranth
@@ -130,10 +138,92 @@ def write_verilog(component, name, path, ports=None):
     return path
 
 
-def _runner():
+def _runner(visible=True):
+    """cocotb's Verilator runner; ``visible=False``: the same without ``--public-flat-rw``."""
     # Imported late: pytest collection of unrelated tests must not need cocotb.
     from cocotb_tools.runner import get_runner
-    return get_runner(_SIMULATOR)
+    return get_runner(_SIMULATOR) if visible else _ports_only_runner_class()()
+
+
+@functools.cache
+def _ports_only_runner_class():
+    from cocotb_tools.runner import Verilator
+
+    class PortsOnlyVerilator(Verilator):
+        """cocotb's runner passes ``--public-flat-rw`` to every build: every signal of the
+        design reachable (and writable) through VPI, which keeps Verilator from optimizing
+        them away and costs about 5x in simulation speed on the network designs. This one
+        leaves it out; what cocotb needs (the ports) is made public by a control file
+        (:func:`write_ports_control_file`)."""
+
+        def _build_command(self):
+            commands = super()._build_command()
+            verilator = commands[0]
+            if "--public-flat-rw" not in verilator:
+                raise RuntimeError("cocotb's Verilator build command changed: no "
+                                   "--public-flat-rw to leave out; check nqe.cosim.build")
+            commands[0] = [arg for arg in verilator if arg != "--public-flat-rw"]
+            return commands
+
+    return PortsOnlyVerilator
+
+
+_PORT_RE = re.compile(r"^\s*(input|output)\s+(?:wire\s+|reg\s+)?(?:\[(\d+):(\d+)\]\s*)?"
+                      r"([A-Za-z_][A-Za-z0-9_$]*)\s*;", re.MULTILINE)
+
+
+def port_declarations(verilog_text, module):
+    """``[(name, "input"|"output", width)]`` of ``module``'s ports in Yosys-written Verilog
+    (``input [7:0] name;`` lines; names that need escaping are not supported)."""
+    match = re.search(rf"^module\s+{re.escape(module)}\s*\((.*?)^endmodule", verilog_text,
+                      re.MULTILINE | re.DOTALL)
+    if match is None:
+        raise ValueError(f"no module {module!r} in the Verilog")
+    ports = [(name, direction, int(high) - int(low) + 1 if high else 1)
+             for direction, high, low, name in _PORT_RE.findall(match[1])]
+    if not ports:
+        raise ValueError(f"module {module!r}: no port declarations found")
+    return ports
+
+
+def _write_if_changed(path, text):
+    path = Path(path)
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+    return path
+
+
+def write_ports_control_file(path, module, names):
+    """A Verilator control file (``.vlt``) making only ``module``'s signals ``names`` public
+    (readable and writable through VPI): what cocotb needs of a design built without
+    ``--public-flat-rw``. Left untouched when unchanged."""
+    lines = ["`verilator_config", *(f'public_flat_rw -module "{module}" -var "{name}"'
+                                    for name in names)]
+    return _write_if_changed(path, "\n".join(lines) + "\n")
+
+
+def verilator_build(sources, toplevel, build_dir, toolchain, *, visible=True, waves_format=None,
+                    build_args=(), verbose=False):
+    """Verilator build of ``sources`` (Verilog files, ``.vlt`` control files) with cocotb's
+    main. ``visible``: cocotb's usual ``--public-flat-rw`` (every signal reachable through the
+    hierarchy, e.g. ``dut.engine.act_a``); ``False`` leaves it out (about 5x faster on the network
+    designs) and the sources must make the ports public themselves
+    (:func:`write_ports_control_file`)."""
+    trace_args = {"fst": ["--trace-fst", "--trace-structs"], "vcd": ["--trace-structs"],
+                  None: []}[waves_format]
+    with toolchain.activated():
+        _runner(visible).build(
+            sources=[*sources],
+            hdl_toplevel=toplevel,
+            build_dir=build_dir,
+            build_args=[*VERILATOR_WAIVERS, *trace_args, *build_args],
+            timescale=TIMESCALE,
+            # cocotb's `waves` adds `--trace` (VCD) and make's `VM_TRACE=1`; a `--trace-fst`
+            # above overrides the format (Verilator takes FST when both are given). Without
+            # `waves`, cocotb forces `VM_TRACE=0` on make's command line and tracing is lost.
+            waves=waves_format is not None,
+            verbose=verbose,
+        )
 
 
 def build_simulator(component, name, build_dir, *, ports=None, waves=False, build_args=(),
@@ -150,22 +240,8 @@ def build_simulator(component, name, build_dir, *, ports=None, waves=False, buil
     build_dir = Path(build_dir).resolve()
     source = write_verilog(component, name, build_dir / f"{name}.v", ports=ports)
     waves_format = _waves_format(waves)
-    trace_args = {"fst": ["--trace-fst", "--trace-structs"], "vcd": ["--trace-structs"],
-                  None: []}[waves_format]
-    runner = _runner()
-    with toolchain.activated():
-        runner.build(
-            sources=[source],
-            hdl_toplevel=name,
-            build_dir=build_dir,
-            build_args=[*VERILATOR_WAIVERS, *trace_args, *build_args],
-            timescale=TIMESCALE,
-            # cocotb's `waves` adds `--trace` (VCD) and make's `VM_TRACE=1`; a `--trace-fst`
-            # above overrides the format (Verilator takes FST when both are given). Without
-            # `waves`, cocotb forces `VM_TRACE=0` on make's command line and tracing is lost.
-            waves=waves_format is not None,
-            verbose=verbose,
-        )
+    verilator_build([source], name, build_dir, toolchain, waves_format=waves_format,
+                    build_args=build_args, verbose=verbose)
     return SimBuild(name, source, build_dir, toolchain, waves_format)
 
 

@@ -25,8 +25,8 @@ import numpy as np
 
 from nqe.model.weights_io import load_weights
 
-__all__ = ["DEFAULT_BUILD_DIR", "BENCH_MODULE", "CosimError", "build_network", "cosimulate",
-           "ideal_cycles"]
+__all__ = ["DEFAULT_BUILD_DIR", "BENCH_MODULE", "CosimError", "VARIANTS",
+           "build_folder", "build_network", "cosimulate", "ideal_cycles"]
 
 PROJECT = Path(__file__).resolve().parent.parent
 #: Kept between runs (ignored by git).
@@ -54,17 +54,43 @@ def _write_if_changed(path, text):
     return False
 
 
-def build_network(weights_dir, build_dir=DEFAULT_BUILD_DIR, *, waves=False, log=print):
+#: Build variants (:func:`build_network`): ``"fast"`` for speed runs, ``"visible"`` (cocotb's
+#: ``--public-flat-rw``: the layer read-back reaches ``dut.engine.act_a``) for checking runs.
+VARIANTS = ("fast", "visible")
+
+
+def build_folder(spec_name, build_dir=DEFAULT_BUILD_DIR, *, variant="visible", waves=False):
+    """Where :func:`build_network` builds a variant: ``<spec>`` (visible), ``<spec>_waves``
+    (visible, with tracing), ``<spec>_fast``."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant {variant!r}: one of {VARIANTS}")
+    if variant == "fast" and waves:
+        raise ValueError("waveforms need the visible variant (debug builds)")
+    suffix = {"visible": "_waves" if waves else "", "fast": "_fast"}[variant]
+    return Path(build_dir).resolve() / (spec_name + suffix)
+
+
+def build_network(weights_dir, build_dir=DEFAULT_BUILD_DIR, *, waves=False, variant="visible",
+                  log=print):
     """Generate the Verilog of ``weights_dir``'s spec and build it with Verilator.
 
-    Returns ``(SimBuild, {"generate_seconds", "build_seconds", "rebuilt", "verilog_lines"})``.
-    A build folder whose Verilog is unchanged is reused (``rebuilt`` False, a second or so)."""
-    from nqe.cosim.build import SimBuild, TIMESCALE, VERILATOR_WAIVERS, _runner, _waves_format
+    ``variant``: ``"visible"`` is cocotb's usual build (``--public-flat-rw``: every signal
+    reachable through the hierarchy; the layer read-back and waveforms need it); ``"fast"`` makes
+    only the top's ports public (a Verilator control file, ``ports.vlt``), so Verilator keeps
+    its optimizations: several times faster. Each variant has its own folder
+    (:func:`build_folder`), each reused while the Verilog is unchanged.
+
+    Returns ``(SimBuild, {"generate_seconds", "build_seconds", "rebuilt", "verilog_lines",
+    "build_variant"})``. A build folder whose Verilog is unchanged is reused (``rebuilt`` False,
+    a second or so)."""
+    from nqe.cosim.build import (SimBuild, _waves_format, port_declarations, verilator_build,
+                                 write_ports_control_file)
     from nqe.cosim.toolchain import find_verilator
     from nqe.rtl.generate import generate
 
     spec = load_weights(weights_dir).spec
-    folder = Path(build_dir).resolve() / (spec.name + ("_waves" if waves else ""))
+    fast = variant == "fast"
+    folder = build_folder(spec.name, build_dir, variant=variant, waves=waves)
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as staging:
@@ -73,26 +99,28 @@ def build_network(weights_dir, build_dir=DEFAULT_BUILD_DIR, *, waves=False, log=
         (folder / f"{MODULE}.json").write_text((Path(staging) / f"{MODULE}.json").read_text())
     source = folder / f"{MODULE}.v"
     changed = _write_if_changed(source, text)
+    sources = [source]
+    if fast:
+        names = [name for name, _, _ in port_declarations(text, MODULE)]
+        sources.append(write_ports_control_file(folder / "ports.vlt", MODULE, names))
     generate_seconds = time.perf_counter() - started
 
     toolchain = find_verilator()
     waves_format = _waves_format(waves)
-    trace_args = {"fst": ["--trace-fst", "--trace-structs"], "vcd": ["--trace-structs"],
-                  None: []}[waves_format]
     executable = folder / MODULE
     before = executable.stat().st_mtime_ns if executable.exists() else None
     started = time.perf_counter()
-    with toolchain.activated():
-        _runner().build(sources=[source], hdl_toplevel=MODULE, build_dir=folder,
-                        build_args=[*VERILATOR_WAIVERS, *trace_args], timescale=TIMESCALE,
-                        waves=waves_format is not None)
+    verilator_build(sources, MODULE, folder, toolchain, visible=not fast,
+                    waves_format=waves_format)
     build_seconds = time.perf_counter() - started
     lines = text.count("\n")
-    log(f"{spec.name}: Verilog {lines} lines ({'changed' if changed else 'unchanged'}), "
-        f"generated in {generate_seconds:.1f} s, Verilator build {build_seconds:.1f} s")
+    log(f"{spec.name} ({variant} build): Verilog {lines} lines "
+        f"({'changed' if changed else 'unchanged'}), generated in {generate_seconds:.1f} s, "
+        f"Verilator build {build_seconds:.1f} s")
     sim = SimBuild(MODULE, source, folder, toolchain, waves_format)
     return sim, {"generate_seconds": generate_seconds, "build_seconds": build_seconds,
-                 "rebuilt": executable.stat().st_mtime_ns != before, "verilog_lines": lines}
+                 "rebuilt": executable.stat().st_mtime_ns != before, "verilog_lines": lines,
+                 "build_variant": variant}
 
 
 def _stalls_text(stalls):
@@ -106,7 +134,7 @@ def _stalls_text(stalls):
 
 def cosimulate(weights_dir, images, labels=None, stalls=False, debug=False,
                build_dir=DEFAULT_BUILD_DIR, check_layers=False, seed=0, timeout_cycles=None,
-               model_weights_dir=None, log=print):
+               model_weights_dir=None, variant=None, log=print):
     """Run ``images`` through the accelerator generated for ``weights_dir`` on Verilator and
     compare every result with the integer reference bit for bit.
 
@@ -127,6 +155,9 @@ def cosimulate(weights_dir, images, labels=None, stalls=False, debug=False,
     timeout_cycles : cycles one RUN may take before the bench fails (default: from the spec).
     model_weights_dir : run the reference on this folder (same spec) instead of ``weights_dir``;
         only to check the checker (different weights must be reported as mismatches).
+    variant : the build (:func:`build_network`): ``"fast"`` (only the ports public: several
+        times faster) or ``"visible"`` (``--public-flat-rw``, needed by ``check_layers`` and
+        ``debug``). Default: ``"visible"`` when either is on, else ``"fast"``.
 
     Returns a dict: ``spec``, ``images``, ``mismatches`` (images with any difference),
     ``mismatch_details`` (per mismatching image: what differs and where; with ``debug`` also
@@ -135,7 +166,8 @@ def cosimulate(weights_dir, images, labels=None, stalls=False, debug=False,
     ``mac_busy_cycles_per_image``, ``layer_cycles`` (mean per layer), ``ideal_cycles_per_image``,
     ``ideal_layer_cycles``, ``mac_utilization`` ({"overall", "layers": {name: ideal/actual}}),
     ``mac_busy_fraction``, ``sim_cycles_per_s`` (during RUN, Python asleep),
-    ``sim_cycles_per_s_overall`` (loads and reads included), ``wall_seconds_per_image``,
+    ``sim_cycles_per_s_overall`` (loads and reads included), ``build_variant`` (``"fast"`` or
+    ``"visible"``), ``wall_seconds_per_image``,
     ``wall_seconds_run_per_image``, ``load_weights_seconds``, ``build_seconds``,
     ``generate_seconds``, ``rebuilt``, ``verilog_lines``, ``waves`` (file or None),
     ``results_file`` (the bench's raw JSON), ``stalls``, ``seed``.
@@ -154,7 +186,15 @@ def cosimulate(weights_dir, images, labels=None, stalls=False, debug=False,
     if labels is not None and len(labels) != len(images):
         raise ValueError(f"{len(labels)} labels for {len(images)} images")
 
-    sim, build_info = build_network(weights_dir, build_dir, waves=debug, log=log)
+    if variant is None:
+        variant = "visible" if (check_layers or debug) else "fast"
+    if variant not in VARIANTS:
+        raise ValueError(f"variant {variant!r}: one of {VARIANTS}")
+    if variant == "fast" and (check_layers or debug):
+        raise ValueError("check_layers and debug read the simulator's hierarchy: they need "
+                         "variant='visible'")
+    sim, build_info = build_network(weights_dir, build_dir, waves=debug, variant=variant,
+                                    log=log)
     run_dir = sim.build_dir / "run"
     run_dir.mkdir(exist_ok=True)
     images_file = run_dir / "images.npy"
@@ -178,7 +218,7 @@ def cosimulate(weights_dir, images, labels=None, stalls=False, debug=False,
     results = json.loads(results_file.read_text())
     report = summarize(spec, results, labels)
     report.update({k: build_info[k] for k in ("build_seconds", "generate_seconds", "rebuilt",
-                                              "verilog_lines")})
+                                              "verilog_lines", "build_variant")})
     report.update({"bench_seconds": bench_seconds, "results_file": str(results_file),
                    "waves": str(sim.waves_file) if debug else None})
     return report

@@ -68,6 +68,29 @@ def test_cifar_images_match_reference_on_verilator(cifar_test, tmp_path):
     assert report["sim_cycles_per_s"] > 0 and report["wall_seconds_per_image"] > 0
 
 
+def test_speed_run_uses_the_fast_build(cifar_test, tmp_path):
+    """A run without check_layers/debug builds the fast variant (no ``--public-flat-rw``, only
+    the ports public; its own folder ``cosim-cifar-32_fast``) and is still bit-exact on real
+    images. About 30 s from a clean build, a few seconds when current."""
+    pytest.importorskip("cocotb_tools.runner",
+                        reason="cocotb not installed (pip install -e '.[cosim]')")
+    from nqe.cosim.network import build_folder, cosimulate
+
+    weights = write_weights(random_integer_network(cifar_spec(), SEED), tmp_path / "weights")
+    images, labels = cifar_test.test_x[:3], cifar_test.test_y[:3]
+    report = cosimulate(weights, images, labels, seed=SEED)
+    print({key: report[key] for key in (*REPORT_FIELDS, "build_variant")})
+
+    assert report["build_variant"] == "fast"
+    assert report["images"] == 3
+    assert report["mismatches"] == 0, f"seed {SEED}: {report['mismatch_details']}"
+    assert report["sim_cycles_per_s"] > 0
+    folder = build_folder(cifar_spec().name, variant="fast")
+    assert (folder / "ports.vlt").is_file() and str(folder) in report["results_file"]
+    with pytest.raises(ValueError, match="visible"):
+        cosimulate(weights, images, variant="fast", check_layers=True)
+
+
 @pytest.mark.slow
 def test_debug_mode_names_the_first_mismatching_layer(tmp_path):
     """The checker checked: the reference runs on weights that differ from the loaded ones in one
