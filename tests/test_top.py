@@ -14,7 +14,7 @@ from nqe.rtl.engine import Engine
 from nqe.rtl.host import HostProtocol
 from nqe.rtl.scheduler import reference_ops
 from nqe.rtl.top import Accelerator, Opcode, Status
-from tests.test_engine import tiny_spec
+from test_engine import tiny_spec
 
 SEED = 20261122
 
