@@ -24,7 +24,7 @@ import cocotb
 from cocotb.triggers import FallingEdge, RisingEdge, SimTimeoutError, with_timeout
 
 from .build import CLOCK_PERIOD_NS
-from .streams import wait_cycles
+from .streams import BackgroundTask, wait_cycles
 
 __all__ = ["ALWAYS_READY", "SEED_VARIABLE", "FieldsDriver", "PortGroup", "ResetMonitor",
            "ResetWindow", "Transfer", "TransferMonitor", "bench_random", "bench_seed",
@@ -142,7 +142,7 @@ class FieldsDriver:
         self._valid.value = 1
 
 
-class TransferMonitor:
+class TransferMonitor(BackgroundTask):
     """Observes a stream, drives nothing: each edge at which ``valid`` and ``ready`` read 1 adds a
     :class:`Transfer` of ``payload.value`` (an int, or a dict for a :class:`PortGroup`) to
     :attr:`transfers`. Sleeps while ``valid`` is low."""
@@ -153,18 +153,7 @@ class TransferMonitor:
         self._ready = ready
         self._payload = payload
         self._signed = signed
-        self._task = None
         self.transfers = []
-
-    def start(self):
-        if self._task is not None:
-            raise RuntimeError("monitor already started")
-        self._task = cocotb.start_soon(self._run())
-
-    def stop(self):
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
 
     def _read(self):
         if isinstance(self._payload, PortGroup):
@@ -192,23 +181,14 @@ class ResetWindow:
         return self.first <= cycle < self.end
 
 
-class ResetMonitor:
+class ResetMonitor(BackgroundTask):
     """Observes ``rst``: each time it is asserted, the :class:`ResetWindow` of edges that sampled
     it goes into :attr:`windows`. Start it after the initial reset."""
 
     def __init__(self, clk, rst):
         self._clk = clk
         self._rst = rst
-        self._task = None
         self.windows = []
-
-    def start(self):
-        self._task = cocotb.start_soon(self._run())
-
-    def stop(self):
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
 
     async def _run(self):
         while True:

@@ -24,8 +24,29 @@ from cocotb.triggers import RisingEdge, Timer
 
 from .build import CLOCK_PERIOD_NS
 
-__all__ = ["StreamPorts", "StreamDriver", "StreamSink", "StreamMonitor", "random_stalls",
+__all__ = ["BackgroundTask", "StreamPorts", "StreamDriver", "StreamSink", "StreamMonitor",
+           "random_stalls",
            "reset", "wait_cycles", "wait_transfer"]
+
+
+class BackgroundTask:
+    """A coroutine ``_run`` that a bench component runs in the background between :meth:`start`
+    and :meth:`stop` (sinks and monitors)."""
+
+    _task = None
+
+    def start(self):
+        if self._task is not None:
+            raise RuntimeError(f"{type(self).__name__} already started")
+        self._task = cocotb.start_soon(self._run())
+
+    def stop(self):
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _run(self):
+        raise NotImplementedError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +148,7 @@ class StreamDriver:
             await self.send(payload)
 
 
-class StreamSink:
+class StreamSink(BackgroundTask):
     """Drives the sink side of a stream (``ready``): ready until a transfer, then low for the
     idle cycles the ``stall`` policy asks for. Runs as a background task: :meth:`start`."""
 
@@ -136,18 +157,7 @@ class StreamSink:
         self._ports = ports
         self._stall = stall
         self._period_ns = period_ns
-        self._task = None
         ports.ready.value = 0
-
-    def start(self):
-        if self._task is not None:
-            raise RuntimeError("sink already started")
-        self._task = cocotb.start_soon(self._run())
-
-    def stop(self):
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
 
     async def _run(self):
         while True:
@@ -159,26 +169,15 @@ class StreamSink:
                 await wait_cycles(self._clk, idle, self._period_ns)
 
 
-class StreamMonitor:
+class StreamMonitor(BackgroundTask):
     """Observes a stream and drives nothing: every transferred payload (an int) goes into
     :attr:`values`, a :class:`cocotb.queue.Queue`, in order. :meth:`start` it after reset."""
 
     def __init__(self, clk, ports):
         self._clk = clk
         self._ports = ports
-        self._task = None
         self.values = Queue()
         self.count = 0
-
-    def start(self):
-        if self._task is not None:
-            raise RuntimeError("monitor already started")
-        self._task = cocotb.start_soon(self._run())
-
-    def stop(self):
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
 
     async def _run(self):
         while True:
