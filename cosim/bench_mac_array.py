@@ -22,7 +22,6 @@ Run from ``tests/test_cosim_mac_array.py``. Parameters (environment): ``NQE_COSI
 
 import dataclasses
 import os
-import time
 
 import cocotb
 import numpy as np
@@ -32,8 +31,8 @@ from nqe.model.spec import load_spec
 from nqe.rtl.mac_array import MACArray
 from nqe.rtl.sram import bytes_from_words, words_from_bytes
 
-from .build import CLOCK_PERIOD_NS, start_clock
-from .bench_support import (FieldsDriver, PortGroup, ResetMonitor, TransferMonitor, bench_random,
+from .build import start_clock
+from .bench_support import (RunTimer, FieldsDriver, PortGroup, ResetMonitor, TransferMonitor, bench_random,
                             check_across_reset, drive_through_mid_reset, replay_hint,
                             split_at_reset, within_cycles)
 from .streams import random_stalls, reset
@@ -197,7 +196,7 @@ async def _run_with_mid_reset(dut, rng, name, dots_before, dots_after, stall_pro
                                                    8), rng)
     before += cut[:rng.randint(1, len(cut) - 1)]       # a dot product cut by the reset
     after = [p for dot in dots_after for p in presentations(design, dot, rng)]
-    started, start_cycle = time.perf_counter(), cocotb.utils.get_sim_time("ns")
+    timer = RunTimer()
 
     async def run():
         await drive_through_mid_reset(dut.clk, dut.rst, driver, before=before, after=after,
@@ -207,13 +206,7 @@ async def _run_with_mid_reset(dut, rng, name, dots_before, dots_after, stall_pro
 
     words = len(before) + len(after)
     await within_cycles(run(), 10 * (words + 20), name)
-    wall = time.perf_counter() - started
-    cycles = (cocotb.utils.get_sim_time("ns") - start_cycle) / CLOCK_PERIOD_NS
-    for monitor in (words_in, results_out, resets):
-        monitor.stop()
-
-    assert len(resets.windows) == 1, f"{replay_hint()} {name}: reset windows {resets.windows}"
-    window = resets.windows[0]
+    window, wall, cycles = timer.finish((words_in, results_out), resets, name)
     words_before, _, words_after = split_at_reset(words_in.transfers, window)
     seen_before, seen_during, seen_after = split_at_reset(results_out.transfers, window)
 

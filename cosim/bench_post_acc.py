@@ -23,7 +23,6 @@ Run from ``tests/test_cosim_post_acc.py``. Parameters (environment): ``NQE_COSIM
 """
 
 import os
-import time
 
 import cocotb
 import numpy as np
@@ -32,8 +31,8 @@ from nqe.model import contract
 from nqe.model.spec import ACT_BITS, load_spec
 from nqe.rtl.post_acc import PostAcc, PostAccMode
 
-from .build import CLOCK_PERIOD_NS, start_clock
-from .bench_support import (FieldsDriver, PortGroup, ResetMonitor, TransferMonitor, bench_random,
+from .build import start_clock
+from .bench_support import (RunTimer, FieldsDriver, PortGroup, ResetMonitor, TransferMonitor, bench_random,
                             check_across_reset, drive_through_mid_reset, replay_hint,
                             split_at_reset, within_cycles)
 from .streams import random_stalls, reset
@@ -172,19 +171,13 @@ async def _run_with_mid_reset(dut, rng, name, values_before, values_after, stall
     before = [_transaction(design, value) for value in values_before]
     after = [_transaction(design, value) for value in values_after]
 
-    started, start_ns = time.perf_counter(), cocotb.utils.get_sim_time("ns")
+    timer = RunTimer()
     await within_cycles(
         drive_through_mid_reset(dut.clk, dut.rst, driver, before=before, after=after,
                                 junk=_junk(design, rng), reset_cycles=rng.randint(1, 4),
                                 drain_cycles=design.LATENCY + 4),
         10 * (len(before) + len(after) + 20), name)
-    wall = time.perf_counter() - started
-    cycles = (cocotb.utils.get_sim_time("ns") - start_ns) / CLOCK_PERIOD_NS
-    for monitor in (values_in, outputs, resets):
-        monitor.stop()
-
-    assert len(resets.windows) == 1, f"{replay_hint()} {name}: reset windows {resets.windows}"
-    window = resets.windows[0]
+    window, wall, cycles = timer.finish((values_in, outputs), resets, name)
     in_before, _, in_after = split_at_reset(values_in.transfers, window)
     out_before, out_during, out_after = split_at_reset(outputs.transfers, window)
     assert len(in_after) == len(after), (f"{replay_hint()} {name}: the input monitor saw "

@@ -32,7 +32,6 @@ two folders), ``NQE_SRAM_EXTRA_WRITES`` (random writes in phase 3, default 2000)
 """
 
 import os
-import time
 
 import cocotb
 from cocotb.triggers import RisingEdge
@@ -40,8 +39,8 @@ from cocotb.triggers import RisingEdge
 from nqe.model.spec import load_spec
 from nqe.rtl.sram import Bank, bank_geometries, weight_image_from_folder
 
-from .build import CLOCK_PERIOD_NS, start_clock
-from .bench_support import (PortGroup, ResetMonitor, TransferMonitor, bench_random, replay_hint,
+from .build import start_clock
+from .bench_support import (RunTimer, PortGroup, ResetMonitor, TransferMonitor, bench_random, replay_hint,
                             split_at_reset, within_cycles)
 from .streams import random_stalls, reset, wait_cycles
 
@@ -184,7 +183,7 @@ async def images_and_random_words_read_back_across_reset(dut):
         dut.rst.value = 0
 
     operations = sum(len(phase) for phase in phases)
-    started, start_ns = time.perf_counter(), cocotb.utils.get_sim_time("ns")
+    timer = RunTimer()
 
     async def run():
         await drive(phases[0])
@@ -198,13 +197,7 @@ async def images_and_random_words_read_back_across_reset(dut):
         await wait_cycles(dut.clk, 2)
 
     await within_cycles(run(), 10 * (operations + 20), name)
-    wall = time.perf_counter() - started
-    cycles = (cocotb.utils.get_sim_time("ns") - start_ns) / CLOCK_PERIOD_NS
-    for monitor in (reads, writes, resets):
-        monitor.stop()
-
-    assert len(resets.windows) == 1, f"{replay_hint()} {name}: reset windows {resets.windows}"
-    window = resets.windows[0]
+    window, wall, cycles = timer.finish((reads, writes), resets, name)
     checked = check_reads(BankModel(depth, init_words), reads.transfers, writes.transfers,
                           window, name)
     _, _, reads_after = split_at_reset(reads.transfers, window)

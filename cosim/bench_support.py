@@ -27,7 +27,7 @@ from .build import CLOCK_PERIOD_NS
 from .streams import BackgroundTask, wait_cycles
 
 __all__ = ["ALWAYS_READY", "SEED_VARIABLE", "FieldsDriver", "PortGroup", "ResetMonitor",
-           "ResetWindow", "Transfer", "TransferMonitor", "bench_random", "bench_seed",
+           "ResetWindow", "RunTimer", "Transfer", "TransferMonitor", "bench_random", "bench_seed",
            "check_across_reset", "cycle_now", "drive_through_mid_reset", "replay_hint",
            "split_at_reset", "within_cycles"]
 
@@ -246,3 +246,25 @@ async def drive_through_mid_reset(clk, rst, driver, *, before, after, junk, rese
     rst.value = 0
     await driver.send_all(after)
     await wait_cycles(clk, drain_cycles)
+
+
+class RunTimer:
+    """Wall time and simulated cycles since it was made: the figures of a bench's cycles/s line."""
+
+    def __init__(self):
+        import time
+        self._time = time
+        self._started = time.perf_counter()
+        self._start_ns = cocotb.utils.get_sim_time("ns")
+
+    def finish(self, monitors, resets, name):
+        """Stop ``monitors`` and ``resets``; returns ``(window, wall seconds, cycles)`` where
+        ``window`` is the run's one reset window (a run without exactly one reset fails)."""
+        from .build import CLOCK_PERIOD_NS
+
+        wall = self._time.perf_counter() - self._started
+        cycles = (cocotb.utils.get_sim_time("ns") - self._start_ns) / CLOCK_PERIOD_NS
+        for monitor in (*monitors, resets):
+            monitor.stop()
+        assert len(resets.windows) == 1, f"{replay_hint()} {name}: reset windows {resets.windows}"
+        return resets.windows[0], wall, cycles

@@ -33,7 +33,7 @@ from nqe.rtl.generate import verilog_ports
 
 from .toolchain import Toolchain, find_verilator
 
-__all__ = ["CLOCK_PERIOD_NS", "TIMESCALE", "VERILATOR_WAIVERS", "SimBuild", "build_simulator",
+__all__ = ["CLOCK_PERIOD_NS", "SIM_BUILD", "TIMESCALE", "VERILATOR_WAIVERS", "SimBuild", "build_simulator",
            "component_ports", "fst_supported", "port_declarations", "run_bench", "start_clock",
            "verilator_build", "write_ports_control_file", "write_verilog"]
 
@@ -52,6 +52,10 @@ VERILATOR_WAIVERS = (
     # and never read; Verilator reads that as an ascending range.
     "-Wno-ASCRANGE",
 )
+
+#: Root of the Verilator build folders (ignored by git): kept between runs so that an unchanged
+#: design is not recompiled.
+SIM_BUILD = Path(__file__).resolve().parent.parent / "sim_build"
 
 #: Amaranth emits no `timescale; 1 ns units with 1 ps precision suit a 10 ns bench clock.
 TIMESCALE = ("1ns", "1ps")

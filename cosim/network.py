@@ -25,12 +25,13 @@ import numpy as np
 
 from nqe.model.weights_io import load_weights
 
+from .build import SIM_BUILD
+
 __all__ = ["DEFAULT_BUILD_DIR", "BENCH_MODULE", "CosimError", "VARIANTS",
            "build_folder", "build_network", "cosimulate", "ideal_cycles"]
 
-PROJECT = Path(__file__).resolve().parent.parent
 #: Kept between runs (ignored by git).
-DEFAULT_BUILD_DIR = PROJECT / "sim_build" / "network"
+DEFAULT_BUILD_DIR = SIM_BUILD / "network"
 BENCH_MODULE = "nqe.cosim.bench_network"
 MODULE = "nqe_top"
 

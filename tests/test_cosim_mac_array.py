@@ -6,7 +6,6 @@ unchanged); the weight width is a run-time input.
 The seed is drawn per run and printed; NQE_COSIM_SEED=<n> replays it.
 """
 
-from pathlib import Path
 
 import pytest
 
@@ -16,11 +15,8 @@ pytest.importorskip("cocotb_tools.runner",
                     reason="cocotb not installed (pip install -e '.[cosim]')")
 
 from nqe.cosim.bench_mac_array import mac_array
-from nqe.cosim.build import build_simulator, draw_seed, run_seeded_bench
+from nqe.cosim.build import SIM_BUILD, build_simulator, draw_seed, run_seeded_bench
 
-PROJECT = Path(__file__).resolve().parent.parent
-# Kept between runs (ignored by git) so an unchanged design is not recompiled.
-SIM_BUILD = PROJECT / "sim_build"
 SEED = draw_seed()
 
 

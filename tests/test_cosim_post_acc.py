@@ -7,7 +7,6 @@ the mode and widths are run-time inputs.
 The seed is drawn per run and printed; NQE_COSIM_SEED=<n> replays it.
 """
 
-from pathlib import Path
 
 import pytest
 
@@ -16,12 +15,9 @@ pytest.importorskip("cocotb_tools.runner",
 
 
 from nqe.cosim.bench_post_acc import post_acc
-from nqe.cosim.build import build_simulator, draw_seed, run_seeded_bench
+from nqe.cosim.build import SIM_BUILD, build_simulator, draw_seed, run_seeded_bench
 from nqe.rtl.post_acc import PostAccMode
 
-PROJECT = Path(__file__).resolve().parent.parent
-# Kept between runs (ignored by git) so an unchanged design is not recompiled.
-SIM_BUILD = PROJECT / "sim_build"
 SEED = draw_seed()
 
 

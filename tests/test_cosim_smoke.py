@@ -6,7 +6,6 @@ where the LZ4 headers FST needs are missing.
 """
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -14,11 +13,8 @@ pytest.importorskip("cocotb_tools.runner",
                     reason="cocotb not installed (pip install -e '.[cosim]')")
 
 from nqe.cosim.bench_smoke import PacketSum
-from nqe.cosim.build import build_simulator, run_bench
+from nqe.cosim.build import SIM_BUILD, build_simulator, run_bench
 
-PROJECT = Path(__file__).resolve().parent.parent
-# Kept between runs (ignored by git) so an unchanged design is not recompiled.
-SIM_BUILD = PROJECT / "sim_build"
 
 
 def test_packet_sum_bench_on_verilator():

@@ -7,7 +7,6 @@ run-time folder comes from the run's seed, drawn per run and printed; NQE_COSIM_
 replays it.
 """
 
-from pathlib import Path
 
 import pytest
 
@@ -15,15 +14,12 @@ pytest.importorskip("cocotb_tools.runner",
                     reason="cocotb not installed (pip install -e '.[cosim]')")
 
 from nqe.cosim.bench_sram import SPEC_NAME, weight_bank
-from nqe.cosim.build import build_simulator, draw_seed, run_seeded_bench
+from nqe.cosim.build import SIM_BUILD, build_simulator, draw_seed, run_seeded_bench
 from nqe.model.random_spec import random_integer_network
 from nqe.model.spec import load_spec
 from nqe.model.weights_io import write_weights
 from nqe.rtl.sram import weight_image_from_folder
 
-PROJECT = Path(__file__).resolve().parent.parent
-# Kept between runs (ignored by git) so an unchanged design is not recompiled.
-SIM_BUILD = PROJECT / "sim_build"
 SEED = draw_seed()
 # The build-time image's weights: fixed, so that the Verilog (which holds the image) is too.
 INIT_WEIGHTS_SEED = 20261125
