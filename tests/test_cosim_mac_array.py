@@ -11,8 +11,6 @@ import pytest
 
 from nqe.model import contract
 
-pytest.importorskip("cocotb_tools.runner",
-                    reason="cocotb not installed (pip install -e '.[cosim]')")
 
 from nqe.cosim.bench_mac_array import mac_array
 from nqe.cosim.build import SIM_BUILD, build_simulator, draw_seed, run_seeded_bench

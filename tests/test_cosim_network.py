@@ -40,8 +40,6 @@ def cifar_spec():
 
 
 def test_cifar_images_match_reference_on_verilator(cifar_test, tmp_path):
-    pytest.importorskip("cocotb_tools.runner",
-                        reason="cocotb not installed (pip install -e '.[cosim]')")
     from nqe.cosim.network import cosimulate
 
     spec = cifar_spec()
@@ -72,8 +70,6 @@ def test_speed_run_uses_the_fast_build(cifar_test, tmp_path):
     """A run without check_layers/debug builds the fast variant (no ``--public-flat-rw``, only
     the ports public; its own folder ``cosim-cifar-32_fast``) and is still bit-exact on real
     images. About 30 s from a clean build, a few seconds when current."""
-    pytest.importorskip("cocotb_tools.runner",
-                        reason="cocotb not installed (pip install -e '.[cosim]')")
     from nqe.cosim.network import build_folder, cosimulate
 
     weights = write_weights(random_integer_network(cifar_spec(), SEED), tmp_path / "weights")
@@ -96,8 +92,6 @@ def test_debug_mode_names_the_first_mismatching_layer(tmp_path):
     """The checker checked: the reference runs on weights that differ from the loaded ones in one
     middle layer only; the report must flag the images and debug mode must name that layer (read
     back from the simulator's banks), not the final map only. Builds with waveforms (~1 min)."""
-    pytest.importorskip("cocotb_tools.runner",
-                        reason="cocotb not installed (pip install -e '.[cosim]')")
     import dataclasses
 
     from nqe.cosim.network import cosimulate
@@ -142,8 +136,6 @@ def test_cosim_command_json_report(cifar_test, tmp_path):
     import subprocess
     import sys
 
-    pytest.importorskip("cocotb_tools.runner",
-                        reason="cocotb not installed (pip install -e '.[cosim]')")
     weights = write_weights(random_integer_network(cifar_spec(), SEED + 1), tmp_path / "w")
     result = subprocess.run([sys.executable, "-m", "nqe.cli", "cosim", "--weights", str(weights),
                              "--images", "3", "--json"], capture_output=True, text=True)

@@ -10,9 +10,6 @@ The seed is drawn per run and printed; NQE_COSIM_SEED=<n> replays it.
 
 import pytest
 
-pytest.importorskip("cocotb_tools.runner",
-                    reason="cocotb not installed (pip install -e '.[cosim]')")
-
 
 from nqe.cosim.bench_post_acc import post_acc
 from nqe.cosim.build import SIM_BUILD, build_simulator, draw_seed, run_seeded_bench

@@ -65,8 +65,6 @@ def test_seed_list_covers_the_spec_features():
 
 @pytest.mark.parametrize("seed", _seeds())
 def test_random_spec_matches_reference_on_verilator(seed, tmp_path):
-    pytest.importorskip("cocotb_tools.runner",
-                        reason="cocotb not installed (pip install -e '.[cosim]')")
     from nqe.cosim.network import cosimulate
     from nqe.model.memory_map import build_memory_map
     from nqe.rtl.engine import Engine
@@ -93,7 +91,8 @@ def test_random_spec_matches_reference_on_verilator(seed, tmp_path):
     rows = build_memory_map(spec).descriptors(spec)
     expected_layers = {layer.name: len(reference_ops(row)) + Engine.LAYER_GAP
                        for layer, row in zip(spec.layers(), rows)}
-    assert report["layer_cycles"] == pytest.approx(expected_layers), \
+    # Every image takes the same cycles, so the per-layer means are exact integers.
+    assert report["layer_cycles"] == expected_layers, \
         f"{tag} layer cycles {report['layer_cycles']} vs scheduler ops {expected_layers}"
     assert report["cycles_per_image"] == sum(expected_layers.values()), tag
     assert 0 < report["mac_utilization"]["overall"] <= 1, f"{tag} {report['mac_utilization']}"

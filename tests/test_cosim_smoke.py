@@ -7,14 +7,8 @@ where the LZ4 headers FST needs are missing.
 
 import os
 
-import pytest
-
-pytest.importorskip("cocotb_tools.runner",
-                    reason="cocotb not installed (pip install -e '.[cosim]')")
-
 from nqe.cosim.bench_smoke import PacketSum
 from nqe.cosim.build import SIM_BUILD, build_simulator, run_bench
-
 
 
 def test_packet_sum_bench_on_verilator():

@@ -10,8 +10,6 @@ replays it.
 
 import pytest
 
-pytest.importorskip("cocotb_tools.runner",
-                    reason="cocotb not installed (pip install -e '.[cosim]')")
 
 from nqe.cosim.bench_sram import SPEC_NAME, weight_bank
 from nqe.cosim.build import SIM_BUILD, build_simulator, draw_seed, run_seeded_bench
