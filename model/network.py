@@ -1,5 +1,7 @@
 """The PyTorch model built from a spec: a stack of :class:`~nqe.model.quant.QuantConv` layers."""
 
+import math
+
 import torch
 from torch import nn
 
@@ -21,7 +23,7 @@ class NQENet(nn.Module):
     integer reference's logits exactly. With a bottleneck and no head it returns the code bits.
     """
 
-    def __init__(self, spec):
+    def __init__(self, spec, batch_norm=False, quantizer="heq"):
         super().__init__()
         self.spec = load_spec(spec)
         layers = self.spec.layers()
@@ -34,7 +36,8 @@ class NQENet(nn.Module):
             if layer.kind is LayerKind.POOL:
                 continue
             group = self.shift_groups[_key(layer.shift_group)] if layer.has_bsn else None
-            self.convs[_key(layer.name)] = QuantConv(layer, group)
+            self.convs[_key(layer.name)] = QuantConv(layer, group, batch_norm=batch_norm,
+                                                     quantizer=quantizer)
         # Loss-only temperature for the integer logits; not part of the integer model.
         self.log_temperature = nn.Parameter(torch.tensor(0.0))
 
@@ -74,6 +77,26 @@ class NQENet(nn.Module):
     def freeze_shifts(self):
         for group in self.shift_groups.values():
             group.freeze()
+
+    @property
+    def has_unfolded_norm(self):
+        return any(c.norm is not None and not bool(c.norm_folded) for c in self.convs.values())
+
+    @torch.no_grad()
+    def fold_batch_norm(self):
+        """End of the BatchNorm phase: per-channel BN factors into the weights, offsets into the
+        biases, and one BSN shift per shift group (the rounded mean of its layers' log2 gains),
+        frozen. Afterwards the training forward is the BSN one."""
+        gains = {}
+        for name, conv in self.convs.items():
+            if conv.norm is not None and not bool(conv.norm_folded):
+                gains.setdefault(conv.shift_group, []).append(conv.fold_norm())
+        for group, values in gains.items():
+            desired = -sum(math.log2(g) for g in values) / len(values)
+            group.frozen_shift.fill_(int(min(max(round(desired), 0), group.max_shift)))
+        for conv in self.convs.values():
+            if conv.norm is not None and not bool(conv.norm_folded):
+                conv.finish_fold()
 
     @property
     def shifts_frozen(self):

@@ -28,7 +28,7 @@ from torch import nn
 from .contract import Residual, legal_codes
 from .spec import LayerKind
 
-__all__ = ["heq_step", "heq_codes", "ShiftGroup", "QuantConv", "EXACT_LIMIT"]
+__all__ = ["heq_step", "minmax_step", "STEP_METHODS", "heq_codes", "ShiftGroup", "QuantConv", "EXACT_LIMIT"]
 
 EXACT_LIMIT = 1 << 24   # fp32 represents every integer below this exactly
 
@@ -46,6 +46,17 @@ def heq_step(weight, bits):
     else:
         raise ValueError(f"unsupported weight width {bits}")
     return step.clamp_min(1e-8)
+
+
+def minmax_step(weight, bits):
+    """Plain min-max step (the ablation baseline of HEQ): the largest |w| on the top level."""
+    a = weight.detach().abs()
+    if bits == 1:
+        return a.mean().clamp_min(1e-8)
+    return (a.max() / max(legal_codes(bits))).clamp_min(1e-8)
+
+
+STEP_METHODS = {"heq": heq_step, "minmax": minmax_step}
 
 
 def heq_codes(weight, step, bits):
@@ -107,10 +118,21 @@ class QuantConv(nn.Module):
 
     forward(x, skip=None) takes integer-valued activations and returns the layer's integer-valued
     output: activations 0..2**out_bits-1, or the classifier's signed logits.
+
+    ``quantize_weights`` and ``quantize_activations`` switch the training-mode rounding off for
+    progressive quantization (weights real ``w / step`` instead of codes; activations clamped but
+    not floored). Eval mode always computes the exact integer contract.
     """
 
-    def __init__(self, layer, shift_group=None):
+    quantize_weights = True
+    quantize_activations = True
+
+    def __init__(self, layer, shift_group=None, batch_norm=False, quantizer="heq"):
         super().__init__()
+        if quantizer not in STEP_METHODS:
+            raise ValueError(f"layer {layer.name!r}: unknown weight quantizer {quantizer!r} "
+                             f"(expected one of {sorted(STEP_METHODS)})")
+        self.step_method = STEP_METHODS[quantizer]
         self.layer = layer
         self.bits = layer.weight_bits
         self.is_classifier = layer.kind is LayerKind.CLASSIFIER
@@ -119,12 +141,20 @@ class QuantConv(nn.Module):
         with torch.no_grad():
             self.weight.div_(self.weight.abs().max()).mul_(0.9)
         self.bias = nn.Parameter(torch.zeros(layer.out_channels))
-        self.register_buffer("step", heq_step(self.weight, self.bits))
+        self.register_buffer("step", self.step_method(self.weight, self.bits))
         self.shift_group = shift_group
         # The classifier has no BSN; its bias is learned in units of 2**bias_scale_log2 (set at
         # calibration from the logits' spread) so that Adam's step sizes suit it.
         self.register_buffer("bias_scale_log2", torch.tensor(0, dtype=torch.long))
         self.register_buffer("calibrated", torch.tensor(False))
+        # Float BatchNorm for the first phase of training only (``fold_batch_norm`` turns it
+        # into BSN's bias and shift); never part of the integer model.
+        self.norm = None
+        if batch_norm and layer.has_bsn:
+            self.norm = nn.BatchNorm2d(layer.out_channels)
+            nn.init.constant_(self.norm.weight, ((1 << layer.out_bits) - 1) / 2)
+            nn.init.constant_(self.norm.bias, ((1 << layer.out_bits) - 1) / 3)
+        self.register_buffer("norm_folded", torch.tensor(False))
         if layer.residual is Residual.MUX:
             self.select_gate = nn.Parameter(torch.full((layer.out_channels,), -1.0))
         else:
@@ -140,11 +170,13 @@ class QuantConv(nn.Module):
         """Integer weight codes, as a float tensor; straight-through to the weights in training."""
         if self.training:
             with torch.no_grad():
-                self.step.copy_(heq_step(self.weight, self.bits))
+                self.step.copy_(self.step_method(self.weight, self.bits))
         u = self.weight / self.step
         codes = heq_codes(self.weight, self.step, self.bits)
         if not self.training:
             return codes.detach()
+        if not self.quantize_weights:
+            return u
         reach = max(legal_codes(self.bits)) + 0.5
         return codes.detach() + (u - u.detach()) * (u.detach().abs() <= reach)
 
@@ -181,14 +213,18 @@ class QuantConv(nn.Module):
             self._calibrate(acc)
         if self.is_classifier:
             return acc + self.bias_codes()
-        if self.training and self.shift_group is not None:
+        in_norm_phase = self.norm is not None and not bool(self.norm_folded)
+        if self.training and self.shift_group is not None and not in_norm_phase:
             top = (1 << layer.out_bits) - 1
             spread = acc.detach().float().std().clamp_min(1e-3)
             self.shift_group.observe(float(torch.log2(spread / (top / 2))))
-        bias = self.bias_codes().view(1, -1, 1, 1)
-        scale = 2.0 ** self.shift
-        real = (acc + bias) / scale
-        y = _ste(real, torch.floor(real), self.training)
+        if in_norm_phase:
+            real = self.norm(acc)
+        else:
+            bias = self.bias_codes().view(1, -1, 1, 1)
+            real = (acc + bias) / 2.0 ** self.shift
+        y = real if self.training and not self.quantize_activations else \
+            _ste(real, torch.floor(real), self.training)
         top = float((1 << layer.out_bits) - 1)
         if layer.residual is Residual.ADD:
             return torch.clamp(y + skip, 0.0, top)
@@ -199,6 +235,33 @@ class QuantConv(nn.Module):
         if layer.residual is Residual.OR:
             return torch.maximum(torch.clamp(y, 0.0, 1.0), skip)
         return torch.clamp(y, 0.0, top)
+
+    @torch.no_grad()
+    def fold_norm(self):
+        """Fold the BatchNorm into the real weights and the bias; returns the layer's gain.
+
+        BatchNorm computes ``a_c * acc + d_c`` per channel. The per-channel factor ``a_c`` moves
+        into the real weights (scaled by max |a_c| to stay in [-1, 1]) before HEQ quantizes them
+        again; what is left is one gain per layer, ``G = A * s' / s`` (output units per unit of
+        the new accumulator), which BSN rounds to ``2**-shift`` (``finish_fold``).
+        """
+        norm = self.norm
+        a = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        scale = a.abs().max().clamp_min(1e-12)
+        step = self.step_method(self.weight, self.bits)
+        self.weight.mul_((a / scale).view(-1, *([1] * (self.weight.dim() - 1))))
+        self.step.copy_(self.step_method(self.weight, self.bits))
+        # Mean of the new accumulator per channel, from the BN's running mean of the old one.
+        self._fold_mean = norm.running_mean * a * step / (scale * self.step)
+        self._fold_beta = norm.bias.detach().clone()
+        return float(scale * self.step / step)
+
+    @torch.no_grad()
+    def finish_fold(self):
+        """Bias such that each channel's pre-activation mean is the BatchNorm's (after BSN)."""
+        self.bias.copy_(self._fold_beta - self._fold_mean / 2.0 ** self.shift)
+        del self._fold_mean, self._fold_beta
+        self.norm_folded.fill_(True)
 
     @torch.no_grad()
     def _calibrate(self, acc):

@@ -5,6 +5,7 @@ states, history) written after every epoch, ``best.pt`` (the model with the best
 accuracy, measured with the exact integer forward), and ``history.json``.
 """
 
+import copy
 import json
 import math
 import time
@@ -31,6 +32,9 @@ class TrainConfig:
     lr: float = 5e-3
     weight_decay: float = 0.0
     freeze_epochs: int = 2          # the last epochs train with BSN shifts frozen
+    bn_epochs: int = 0              # the first epochs train with float BatchNorm, then folded
+    quantizer: str = "heq"          # weight step: "heq" or "minmax" (ablation baseline)
+    device: str = "auto"            # "auto": CUDA when available, else CPU; not kept on resume
     val_size: int = 5000
     seed: int = 0
     bf16: bool = False              # bf16 autocast for training steps; fp32 measured as fast here
@@ -41,18 +45,33 @@ class TrainConfig:
 
 
 def augment(images, generator):
-    """Random 4-pixel-padded crop and horizontal flip on a uint8 NCHW batch."""
-    n = images.shape[0]
+    """Random 4-pixel-padded crop and horizontal flip on a uint8 NCHW batch.
+
+    The random draws come from ``generator`` (a CPU generator) whatever device the images are
+    on, so a run draws the same crops on a GPU as on the CPU.
+    """
+    n, device = images.shape[0], images.device
     padded = F.pad(images, (4, 4, 4, 4))
-    dx = torch.randint(0, 9, (n,), generator=generator)
-    dy = torch.randint(0, 9, (n,), generator=generator)
-    rows = (dy.view(n, 1) + torch.arange(32).view(1, 32))          # n x 32
-    cols = (dx.view(n, 1) + torch.arange(32).view(1, 32))
-    out = padded[torch.arange(n).view(n, 1, 1, 1), torch.arange(images.shape[1]).view(1, -1, 1, 1),
+    dx = torch.randint(0, 9, (n,), generator=generator).to(device)
+    dy = torch.randint(0, 9, (n,), generator=generator).to(device)
+    span = torch.arange(32, device=device)
+    rows = (dy.view(n, 1) + span.view(1, 32))          # n x 32
+    cols = (dx.view(n, 1) + span.view(1, 32))
+    out = padded[torch.arange(n, device=device).view(n, 1, 1, 1),
+                 torch.arange(images.shape[1], device=device).view(1, -1, 1, 1),
                  rows.view(n, 1, 32, 1), cols.view(n, 1, 1, 32)]
-    flip = torch.rand(n, generator=generator) < 0.5
-    out[flip] = out[flip].flip(-1)
-    return out
+    flip = (torch.rand(n, generator=generator) < 0.5).to(device)
+    return torch.where(flip.view(n, 1, 1, 1), out.flip(-1), out)
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: CUDA is not available on this machine "
+                         f"(use --device cpu or auto)")
+    return device
 
 
 def _to_nchw(x):
@@ -63,20 +82,27 @@ def _to_nchw(x):
 def evaluate_model(model, x_nhwc, y, batch_size=500, desc="eval", progress=True):
     """Accuracy of the exact (eval-mode, fp32) forward; returns (accuracy, predictions)."""
     model.eval()
+    device = next(model.parameters()).device
     preds = []
     for start in tqdm(range(0, len(x_nhwc), batch_size), desc=desc, leave=False,
                       disable=not progress):
-        batch = _to_nchw(x_nhwc[start:start + batch_size])
-        preds.append(model(batch).argmax(dim=1).numpy())
+        batch = _to_nchw(x_nhwc[start:start + batch_size]).to(device)
+        preds.append(model(batch).argmax(dim=1).cpu().numpy())
     preds = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
     return float((preds == np.asarray(y)).mean()) if len(preds) else float("nan"), preds
+
+
+def _cpu_state(model):
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def load_checkpoint(path):
     """A model from ``best.pt`` or ``last.pt``; returns (model, checkpoint dict)."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     spec = spec_from_dict(checkpoint["spec"], source=f"{path} (embedded spec)")
-    model = NQENet(spec)
+    config = checkpoint["config"]
+    model = NQENet(spec, batch_norm=config.get("bn_epochs", 0) > 0,
+                   quantizer=config.get("quantizer", "heq"))
     model.load_state_dict(checkpoint["model"])
     return model, checkpoint
 
@@ -92,7 +118,8 @@ def train(config, out_dir, resume=False, progress=True, log=print):
         # A resumed run continues with the configuration it was started with (its schedule
         # depends on it); only the data location may differ between machines.
         state = torch.load(last, map_location="cpu", weights_only=False)
-        config = TrainConfig(**{**state["config"], "data": config.data})
+        config = TrainConfig(**{**state["config"], "data": config.data,
+                                "device": config.device})
         log(f"resuming {last} with its saved configuration: {asdict(config) | {'spec_json': '...'}}")
     spec = load_spec(config.spec) if not config.spec_json else \
         spec_from_dict(config.spec_json, source=f"{last} (embedded spec)")
@@ -108,13 +135,18 @@ def train(config, out_dir, resume=False, progress=True, log=print):
     log(f"data: {data.root} ({data.layout}); train {len(tx)}, validation {len(vx)} "
         f"(seed {config.seed})")
 
+    device = resolve_device(config.device)
+    log(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})"
+                               if device.type == "cuda" else ""))
     torch.manual_seed(config.seed)
-    model = NQENet(spec)
+    model = NQENet(spec, batch_norm=config.bn_epochs > 0, quantizer=config.quantizer).to(
+        device=device, memory_format=torch.channels_last)
+    train_images, train_labels = train_images.to(device), train_labels.to(device)
     steps_per_epoch = math.ceil(len(tx) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (decay if name.endswith(".weight") else no_decay).append(p)
+        (decay if name.endswith(".weight") and ".norm." not in name else no_decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr,
@@ -132,10 +164,14 @@ def train(config, out_dir, resume=False, progress=True, log=print):
             f"(best validation accuracy so far {best_acc:.4f})")
     else:
         model.calibrate(augment(train_images[:512], generator))
-    model = model.to(memory_format=torch.channels_last)
 
     for epoch in range(start_epoch, config.epochs):
-        if epoch >= config.epochs - config.freeze_epochs and not model.shifts_frozen:
+        if epoch >= config.bn_epochs and model.has_unfolded_norm:
+            model.fold_batch_norm()
+            log(f"epoch {epoch + 1}: BatchNorm folded into BSN; shifts frozen "
+                f"{ {k: g.shift for k, g in model.shift_groups.items()} }")
+        if epoch >= config.epochs - config.freeze_epochs and not model.shifts_frozen \
+                and not model.has_unfolded_norm:
             model.freeze_shifts()
             log(f"epoch {epoch + 1}: BSN shifts frozen "
                 f"{ {k: g.shift for k, g in model.shift_groups.items()} }")
@@ -147,10 +183,10 @@ def train(config, out_dir, resume=False, progress=True, log=print):
                    disable=not progress, leave=False)
         for step in bar:
             idx = order[step * config.batch_size:(step + 1) * config.batch_size]
-            images = augment(train_images[idx], generator).float().contiguous(
+            images = augment(train_images[idx.to(device)], generator).float().contiguous(
                 memory_format=torch.channels_last)
-            labels = train_labels[idx]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            labels = train_labels[idx.to(device)]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                 logits = model(images)
             loss = F.cross_entropy(model.scaled_logits(logits.float()), labels)
             optimizer.zero_grad(set_to_none=True)
@@ -164,19 +200,33 @@ def train(config, out_dir, resume=False, progress=True, log=print):
             correct += int((logits.argmax(1) == labels).sum())
             seen += len(idx)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        val_acc, _ = evaluate_model(model, vx, vy, desc="validation", progress=progress)
+        # Validation is always the exact integer forward: during the BatchNorm phase, of a copy
+        # with the BatchNorm folded as it would be now.
+        # The float-BatchNorm model's own accuracy is kept too (an ablation: BSN vs BN).
+        scored, val_acc_bn = model, None
+        if model.has_unfolded_norm:
+            val_acc_bn, _ = evaluate_model(model, vx, vy, desc="validation (BN)",
+                                           progress=progress)
+            scored = copy.deepcopy(model)
+            scored.fold_batch_norm()
+        val_acc, _ = evaluate_model(scored, vx, vy, desc="validation", progress=progress)
         record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
-                  "val_acc": val_acc, "lr": scheduler.get_last_lr()[0],
-                  "seconds": time.time() - started, "shifts_frozen": model.shifts_frozen}
+                  "val_acc": val_acc, "val_acc_batchnorm": val_acc_bn,
+                  "lr": scheduler.get_last_lr()[0],
+                  "seconds": time.time() - started, "shifts_frozen": model.shifts_frozen,
+                  "phase": "batchnorm" if model.has_unfolded_norm else "bsn",
+                  "device": str(device)}
         history.append(record)
         log(f"epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.4f} train "
-            f"{record['train_acc']:.4f} validation {val_acc:.4f} ({record['seconds']:.0f} s)")
+            f"{record['train_acc']:.4f} validation {val_acc:.4f}"
+            + (f" (float BatchNorm {val_acc_bn:.4f})" if val_acc_bn is not None else "")
+            + f" ({record['seconds']:.0f} s)")
         payload = {"spec": config.spec_json, "config": asdict(config), "epoch": epoch + 1,
                    "history": history, "val_acc": val_acc}
         if val_acc > best_acc:
             best_acc = val_acc
-            torch.save({**payload, "model": model.state_dict()}, out_dir / "best.pt")
-        torch.save({**payload, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            torch.save({**payload, "model": _cpu_state(scored)}, out_dir / "best.pt")
+        torch.save({**payload, "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                     "torch_rng": torch.get_rng_state(), "best_acc": best_acc},
                    out_dir / "last.tmp")

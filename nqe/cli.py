@@ -68,7 +68,8 @@ def cmd_train(args):
     config = TrainConfig(spec=args.spec, epochs=args.epochs, batch_size=args.batch_size,
                          lr=args.lr, freeze_epochs=args.freeze_epochs, val_size=args.val_size,
                          seed=args.seed, bf16=args.bf16, threads=args.threads, data=args.data,
-                         limit_train=args.limit_train)
+                         limit_train=args.limit_train, bn_epochs=args.bn_epochs,
+                         device=args.device, quantizer=args.quantizer)
     out = Path(args.out or f"runs/{Path(args.spec).stem}")
     started = time.time()
     _, history = train(config, out, resume=args.resume, progress=not args.no_progress)
@@ -84,7 +85,8 @@ def _train_command(config):
     if not config:
         return ""
     flags = {"spec": "--spec", "epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr",
-             "freeze_epochs": "--freeze-epochs", "val_size": "--val-size", "seed": "--seed"}
+             "freeze_epochs": "--freeze-epochs", "bn_epochs": "--bn-epochs",
+             "quantizer": "--quantizer", "val_size": "--val-size", "seed": "--seed"}
     parts = ["nqe", "train"] + [f"{flag} {config[key]}" for key, flag in flags.items()
                                 if key in config]
     if config.get("bf16"):
@@ -291,6 +293,13 @@ def build_parser():
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--freeze-epochs", type=int, default=2,
                    help="train the last N epochs with BSN shifts frozen")
+    p.add_argument("--bn-epochs", type=int, default=0,
+                   help="train the first N epochs with float BatchNorm, then fold it into BSN "
+                        "(bias + frozen shift) for the remaining epochs")
+    p.add_argument("--quantizer", choices=("heq", "minmax"), default="heq",
+                   help="weight step: HEQ (levels used equally) or plain min-max (ablation)")
+    p.add_argument("--device", default="auto",
+                   help="torch device for training: auto (CUDA when available), cpu, cuda")
     p.add_argument("--val-size", type=int, default=5000,
                    help="validation images held out of train (stratified, seeded)")
     p.add_argument("--seed", type=int, default=0)
