@@ -13,7 +13,7 @@ nox.options.reuse_existing_virtualenvs = True
 CONSTRAINTS = ("-c", "constraints.txt")
 
 
-def _install(session, extras="test,cosim"):
+def _install(session, extras="test,cosim,plot"):
     session.install(*CONSTRAINTS, "-e", f".[{extras}]")
 
 

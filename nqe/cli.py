@@ -111,8 +111,10 @@ def cmd_export(args):
         "train_seconds": round(sum(r["seconds"] for r in history), 1),
         "train_command": _train_command(checkpoint.get("config") or {}),
         "history": history,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "torch": torch.__version__},
+        # Where the export ran; the training device of each epoch is in the history.
+        "export_machine": {"platform": platform.platform(),
+                           "processor": platform.processor(), "torch": torch.__version__},
+        "train_devices": sorted({r.get("device", "cpu") for r in history}),
     }
     out = Path(args.out or f"weights/{name}")
     net = export_model(model, out, meta)
@@ -134,6 +136,33 @@ def cmd_export(args):
 
 
 # -- eval / bench ------------------------------------------------------------------------------
+
+
+def cmd_curve(args):
+    import json
+
+    from nqe.model.weights_io import WeightsError
+    from nqe.model.report import plot_history
+
+    if args.weights:
+        manifest_path = Path(args.weights) / "manifest.json"
+        if not manifest_path.is_file():
+            raise WeightsError(f"{manifest_path}: no manifest (expected an `nqe export` folder)")
+        meta = json.loads(manifest_path.read_text()).get("meta", {})
+        history, title = meta.get("history") or [], f"{Path(args.weights).name}"
+    else:
+        import torch
+        checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+        history, title = checkpoint.get("history") or [], str(args.checkpoint)
+    if not history:
+        source = args.weights or args.checkpoint
+        print(f"nqe curve: error: {source} holds no training history", file=sys.stderr)
+        return 2
+    out = Path(args.out or (Path(args.weights) / "training_curve.png" if args.weights
+                            else "training_curve.png"))
+    plot_history(history, out, title=title)
+    print(f"wrote {out} ({len(history)} epochs)")
+    return 0
 
 
 def cmd_eval(args):
@@ -311,6 +340,14 @@ def build_parser():
     data_option(p)
     progress_option(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("curve", help="plot a run's training curve (PNG; needs matplotlib)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", metavar="DIR", help="an exported weights folder")
+    source.add_argument("--checkpoint", metavar="FILE", help="best.pt or last.pt of a run")
+    p.add_argument("-o", "--out", metavar="PNG",
+                   help="default: DIR/training_curve.png, else ./training_curve.png")
+    p.set_defaults(func=cmd_curve)
 
     p = sub.add_parser("export", help="write weights/<name>/ from a checkpoint and verify it")
     p.add_argument("--checkpoint", required=True, metavar="FILE", help="best.pt or last.pt")
