@@ -20,7 +20,7 @@ def _batches(count, batch_size, desc, progress):
 
 
 def predict_reference(net, images, batch_size=250, progress=True, desc="integer reference"):
-    logits = [run_reference(net, images[s:s + batch_size], batch_size=batch_size)
+    logits = [run_reference(net, images[s:s + batch_size])
               for s in _batches(len(images), batch_size, desc, progress)]
     logits = np.concatenate(logits)
     return logits, contract.argmax_lowest(logits)

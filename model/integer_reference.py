@@ -14,7 +14,6 @@ and checked against the bound, so an overflow cannot go unnoticed.
 from dataclasses import dataclass, field
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from . import contract
 from .contract import Residual
@@ -51,25 +50,30 @@ def _exact_float(bound):
 
 
 def conv_int(x, codes, stride, padding, groups, acc_bound):
-    """Exact integer convolution: x int [N, C, H, W], codes int [O, C/groups, k, k] -> int64."""
+    """Exact integer convolution: x int [N, C, H, W], codes int [O, C/groups, k, k] -> int64.
+
+    The k*k shifted views of the input are stacked next to the channels, so each group's
+    patches are one contiguous [C/groups * k * k, H*W] matrix per image, and one broadcast
+    matrix product (weights [G, O/G, C/G*k*k] @ patches [N, G, C/G*k*k, H*W]) gives the output
+    already in [N, O, H, W] order: no im2col transpose of the patches.
+    """
     dtype = _exact_float(acc_bound)
     n, c, h, w = x.shape
     o, cg, k, _ = codes.shape
-    og = o // groups
-    weights = codes.astype(dtype).reshape(groups, og, cg * k * k)
-    if k == 1 and stride == 1 and padding == 0:
-        cols = x.astype(dtype).reshape(n, groups, cg, h * w).transpose(1, 0, 3, 2)  # G,N,HW,Cg
-        out = cols @ weights.transpose(0, 2, 1)[:, None]                             # G,N,HW,Og
-        out = out.transpose(1, 0, 3, 2).reshape(n, o, h, w)
+    weights = codes.astype(dtype).reshape(groups, o // groups, cg * k * k)
+    xf = x.astype(dtype)
+    if padding:
+        xf = np.pad(xf, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    ho = (h + 2 * padding - k) // stride + 1
+    wo = (w + 2 * padding - k) // stride + 1
+    if k == 1:
+        cols = np.ascontiguousarray(xf[:, :, ::stride, ::stride])
     else:
-        xp = np.pad(x.astype(dtype), ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-        patches = sliding_window_view(xp, (k, k), axis=(2, 3))[:, :, ::stride, ::stride]
-        ho, wo = patches.shape[2], patches.shape[3]
-        patches = patches.reshape(n, groups, cg, ho, wo, k, k).transpose(1, 0, 3, 4, 2, 5, 6)
-        cols = patches.reshape(groups, n * ho * wo, cg * k * k)
-        out = cols @ weights.transpose(0, 2, 1)                                      # G,NHW,Og
-        out = out.reshape(groups, n, ho, wo, og).transpose(1, 0, 4, 2, 3).reshape(n, o, ho, wo)
-    acc = out.astype(np.int64)
+        cols = np.stack([xf[:, :, dy:dy + stride * (ho - 1) + 1:stride,
+                            dx:dx + stride * (wo - 1) + 1:stride]
+                         for dy in range(k) for dx in range(k)], axis=2)   # N, C, k*k, Ho, Wo
+    out = np.matmul(weights, cols.reshape(n, groups, cg * k * k, ho * wo))  # N, G, O/G, HoWo
+    acc = out.reshape(n, o, ho, wo).astype(np.int64)
     if acc.size and np.abs(acc).max() > acc_bound:
         raise contract.ContractError(f"accumulator {np.abs(acc).max()} exceeds its bound "
                                      f"{acc_bound}")
@@ -123,7 +127,7 @@ def _forward(net, x, return_activations):
     return x, activations
 
 
-def run_reference(net, images, return_activations=False, batch_size=200):
+def run_reference(net, images, return_activations=False, batch_size=16):
     """Logits (int64 [N, classes]; the bottleneck's code bits when the spec has no head).
 
     With ``return_activations`` also returns {layer name: output array} over the whole batch.
@@ -141,6 +145,6 @@ def run_reference(net, images, return_activations=False, batch_size=200):
     return logits
 
 
-def predict(net, images, batch_size=200):
+def predict(net, images, batch_size=16):
     """Class indices (argmax, lowest index on a tie)."""
     return contract.argmax_lowest(run_reference(net, images, batch_size=batch_size))
