@@ -145,3 +145,40 @@ def test_cosim_command_json_report(cifar_test, tmp_path):
         assert field in report, f"report lacks {field!r}"
     assert report["images"] == 3 and report["mismatches"] == 0
     assert report["test_image_indices"] == [0, 5000, 9999]
+
+
+SHIPPED_IMAGES = 8
+
+
+@pytest.mark.slow
+def test_shipped_weights_on_verilator(cifar_test):
+    """The product's promise on the product's network: weights/nqe-1mb (the README's default
+    weights) on its generated RTL, real test images spread over the test set, every logit and
+    class bit-exact, the cycle count the scheduler predicts. From a clean clone this builds the
+    full design (about 12-16 min on 2 cores, reused in sim_build/ afterwards) and takes about
+    10-16 s per image; `nox -s cosim` runs more images on the same build."""
+    from pathlib import Path
+
+    from nqe.cosim.network import cosimulate
+    from nqe.model.memory_map import build_memory_map
+    from nqe.model.weights_io import load_weights
+    from nqe.rtl.engine import Engine
+    from nqe.rtl.scheduler import reference_ops
+
+    weights = Path(__file__).resolve().parent.parent / "weights" / "nqe-1mb"
+    spec = load_weights(weights).spec
+    picks = np.linspace(0, len(cifar_test.test_x) - 1, SHIPPED_IMAGES).astype(int)
+    report = cosimulate(weights, cifar_test.test_x[picks], cifar_test.test_y[picks], seed=SEED)
+    print({key: report[key] for key in REPORT_FIELDS if key != "layer_cycles"})
+
+    assert report["images"] == SHIPPED_IMAGES
+    assert report["mismatches"] == 0, report["mismatch_details"]
+    assert report["ideal_cycles_per_image"] == pytest.approx(
+        sum(layer.macs / (spec.hardware.weight_word_bits // layer.weight_bits)
+            for layer in spec.layers() if layer.has_weights))
+    rows = build_memory_map(spec).descriptors(spec)
+    expected_layers = {layer.name: len(reference_ops(row)) + Engine.LAYER_GAP
+                       for layer, row in zip(spec.layers(), rows)}
+    assert report["layer_cycles"] == expected_layers
+    assert report["cycles_per_image"] == sum(expected_layers.values())
+    assert 0 < report["mac_utilization"]["overall"] <= 1

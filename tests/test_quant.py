@@ -100,3 +100,32 @@ def test_trained_style_model_exports_to_identical_integer_logits(seed):
     for name in ref_acts:
         assert (fake_acts[name].numpy() == ref_acts[name]).all(), f"seed {seed}, layer {name}"
     assert (fake.numpy() == ref).all(), f"seed {seed}"
+
+
+@pytest.mark.parametrize("seed", _random_specs_covering_every_feature())
+def test_folded_batchnorm_model_exports_to_identical_integer_logits(seed):
+    """After a BatchNorm phase, fold_batch_norm gives a BSN model: shifts frozen, no BatchNorm
+    left in the forward, and its exported integer net computes exactly its eval forward."""
+    spec = random_spec(seed)
+    torch.manual_seed(seed)
+    model = NQENet(spec, batch_norm=True)
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (32, spec.input_height, spec.input_width, 3), dtype=np.uint8)
+    batch = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    model.calibrate(batch)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):                      # BatchNorm running statistics, as training would
+            model(batch)
+    assert model.has_unfolded_norm
+    model.fold_batch_norm()
+    assert not model.has_unfolded_norm and model.shifts_frozen
+    model.train()
+    with torch.no_grad():
+        model(batch)                            # a BSN training step leaves the statistics alone
+    assert all(conv.norm is None or conv.norm.num_batches_tracked == 4
+               for conv in model.convs.values())
+    net = integer_network_from_model(model)
+    with torch.no_grad():
+        fake = model.eval()(batch)
+    assert (fake.numpy() == run_reference(net, images)).all(), f"seed {seed}"

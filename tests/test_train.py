@@ -37,21 +37,27 @@ def synthetic_data(tmp_path_factory):
     return root
 
 
-def _config(tmp_path, data, epochs):
+def _config(tmp_path, data, epochs, bn_epochs=0):
     spec_path = tmp_path / "tiny.json"
     spec_path.write_text(TINY.to_json())
     return TrainConfig(spec=str(spec_path), epochs=epochs, batch_size=32, val_size=50,
-                       freeze_epochs=1, data=str(data), threads=1)
+                       freeze_epochs=1, data=str(data), threads=1, bn_epochs=bn_epochs)
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path, synthetic_data):
-    straight, _ = train(_config(tmp_path, synthetic_data, 3), tmp_path / "straight",
+@pytest.mark.parametrize("bn_epochs", [0, 2], ids=["bsn-only", "batchnorm-then-fold"])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, synthetic_data, bn_epochs):
+    """Stopped after epoch 2 and resumed: with a BatchNorm phase the fold happens after the
+    resume (epoch 3) and must still give the same model bit for bit."""
+    straight, _ = train(_config(tmp_path, synthetic_data, 3, bn_epochs), tmp_path / "straight",
                         progress=False, log=lambda *_: None)
     partial = tmp_path / "partial"
-    _train_until(_config(tmp_path, synthetic_data, 3), partial, stop_after=2)
-    resumed, history = train(_config(tmp_path, synthetic_data, 3), partial, resume=True,
-                             progress=False, log=lambda *_: None)
+    _train_until(_config(tmp_path, synthetic_data, 3, bn_epochs), partial, stop_after=2)
+    assert json.loads((partial / "history.json").read_text())[-1]["epoch"] == 2
+    resumed, history = train(_config(tmp_path, synthetic_data, 3, bn_epochs), partial,
+                             resume=True, progress=False, log=lambda *_: None)
     assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert [r["phase"] for r in history] == ["batchnorm"] * bn_epochs + ["bsn"] * (3 - bn_epochs)
+    assert not resumed.has_unfolded_norm
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
 
@@ -67,7 +73,7 @@ def _train_until(config, out, stop_after):
     original = module.evaluate_model
 
     def counting(*args, **kwargs):
-        calls["n"] += 1
+        calls["n"] += kwargs.get("desc") == "validation"    # once an epoch, whatever the phase
         result = original(*args, **kwargs)
         if calls["n"] > stop_after:
             raise Stop
