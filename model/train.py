@@ -33,6 +33,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     freeze_epochs: int = 2          # the last epochs train with BSN shifts frozen
     bn_epochs: int = 0              # the first epochs train with float BatchNorm, then folded
+    init_from: str = ""             # start from this checkpoint's model (a fine-tuning run)
     quantizer: str = "heq"          # weight step: "heq" or "minmax" (ablation baseline)
     device: str = "auto"            # "auto": CUDA when available, else CPU; not kept on resume
     val_size: int = 5000
@@ -96,13 +97,17 @@ def _cpu_state(model):
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
+def _has_norm(state_dict):
+    """Whether a model state holds BatchNorm modules (trained with a BatchNorm phase)."""
+    return any(".norm." in key for key in state_dict)
+
+
 def load_checkpoint(path):
     """A model from ``best.pt`` or ``last.pt``; returns (model, checkpoint dict)."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     spec = spec_from_dict(checkpoint["spec"], source=f"{path} (embedded spec)")
-    config = checkpoint["config"]
-    model = NQENet(spec, batch_norm=config.get("bn_epochs", 0) > 0,
-                   quantizer=config.get("quantizer", "heq"))
+    model = NQENet(spec, batch_norm=_has_norm(checkpoint["model"]),
+                   quantizer=checkpoint["config"].get("quantizer", "heq"))
     model.load_state_dict(checkpoint["model"])
     return model, checkpoint
 
@@ -138,8 +143,15 @@ def train(config, out_dir, resume=False, progress=True, log=print):
     device = resolve_device(config.device)
     log(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})"
                                if device.type == "cuda" else ""))
+    source = None
+    if config.init_from:
+        source = torch.load(config.init_from, map_location="cpu", weights_only=False)
+        if source.get("spec") != config.spec_json:
+            raise ValueError(f"--init-from {config.init_from}: its spec differs from the run's "
+                             f"spec {spec.name!r}; fine-tuning needs the same network")
     torch.manual_seed(config.seed)
-    model = NQENet(spec, batch_norm=config.bn_epochs > 0, quantizer=config.quantizer).to(
+    batch_norm = config.bn_epochs > 0 or (source is not None and _has_norm(source["model"]))
+    model = NQENet(spec, batch_norm=batch_norm, quantizer=config.quantizer).to(
         device=device, memory_format=torch.channels_last)
     train_images, train_labels = train_images.to(device), train_labels.to(device)
     steps_per_epoch = math.ceil(len(tx) / config.batch_size)
@@ -162,6 +174,10 @@ def train(config, out_dir, resume=False, progress=True, log=print):
         history, start_epoch, best_acc = state["history"], state["epoch"], state["best_acc"]
         log(f"resumed from {last} at epoch {start_epoch}/{config.epochs} "
             f"(best validation accuracy so far {best_acc:.4f})")
+    elif source is not None:
+        model.load_state_dict(source["model"])
+        log(f"initialized from {config.init_from} (epoch {source.get('epoch')}, validation "
+            f"{source.get('val_acc')}); shifts {'frozen' if model.shifts_frozen else 'free'}")
     else:
         model.calibrate(augment(train_images[:512], generator))
 

@@ -69,7 +69,8 @@ def cmd_train(args):
                          lr=args.lr, freeze_epochs=args.freeze_epochs, val_size=args.val_size,
                          seed=args.seed, bf16=args.bf16, threads=args.threads, data=args.data,
                          limit_train=args.limit_train, bn_epochs=args.bn_epochs,
-                         device=args.device, quantizer=args.quantizer)
+                         device=args.device, quantizer=args.quantizer,
+                         init_from=args.init_from or "")
     out = Path(args.out or f"runs/{Path(args.spec).stem}")
     started = time.time()
     _, history = train(config, out, resume=args.resume, progress=not args.no_progress)
@@ -86,9 +87,10 @@ def _train_command(config):
         return ""
     flags = {"spec": "--spec", "epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr",
              "freeze_epochs": "--freeze-epochs", "bn_epochs": "--bn-epochs",
-             "quantizer": "--quantizer", "val_size": "--val-size", "seed": "--seed"}
+             "quantizer": "--quantizer", "init_from": "--init-from",
+             "val_size": "--val-size", "seed": "--seed"}
     parts = ["nqe", "train"] + [f"{flag} {config[key]}" for key, flag in flags.items()
-                                if key in config]
+                                if config.get(key) not in (None, "")]
     if config.get("bf16"):
         parts.append("--bf16")
     return " ".join(parts)
@@ -325,6 +327,8 @@ def build_parser():
     p.add_argument("--bn-epochs", type=int, default=0,
                    help="train the first N epochs with float BatchNorm, then fold it into BSN "
                         "(bias + frozen shift) for the remaining epochs")
+    p.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="start from a trained run's best.pt/last.pt (same spec): fine-tuning")
     p.add_argument("--quantizer", choices=("heq", "minmax"), default="heq",
                    help="weight step: HEQ (levels used equally) or plain min-max (ablation)")
     p.add_argument("--device", default="auto",

@@ -103,3 +103,29 @@ def test_export_of_trained_checkpoint_is_bit_exact(tmp_path, synthetic_data):
     accuracy, _ = evaluate_model(model, x, np.load(synthetic_data / "test.npz")["y"],
                                  progress=False)
     assert 0.0 <= accuracy <= 1.0
+
+
+def test_fine_tuning_starts_from_the_checkpoint(tmp_path, synthetic_data):
+    """--init-from: the run starts from the trained model (no re-calibration), with its own
+    schedule; a checkpoint of another spec is refused with its path named."""
+    first = tmp_path / "first"
+    _, _ = train(_config(tmp_path, synthetic_data, 2, bn_epochs=1), first, progress=False,
+                 log=lambda *_: None)
+    source = torch.load(first / "best.pt", weights_only=False)
+    config = _config(tmp_path, synthetic_data, 1)
+    config.init_from = str(first / "best.pt")
+    config.lr = 1e-12                            # (almost) no step: the model must stay the same
+    tuned, history = train(config, tmp_path / "tuned", progress=False, log=lambda *_: None)
+    assert tuned.shifts_frozen
+    # Trained parameters move by ~1e-12; HEQ steps are recomputed from them at every step.
+    # Everything else (frozen shifts, fold flags, BatchNorm statistics) is the checkpoint's.
+    for name, value in source["model"].items():
+        if not name.endswith((".weight", ".bias", ".select_gate", "log_temperature", ".step")):
+            assert torch.equal(tuned.state_dict()[name].cpu(), value), name
+        elif value.is_floating_point() and not name.endswith(".step"):
+            assert torch.allclose(tuned.state_dict()[name].cpu(), value, atol=1e-6), name
+
+    other = _config(tmp_path, synthetic_data, 1)
+    other.spec, other.init_from = "nqe-1mb", str(first / "best.pt")
+    with pytest.raises(ValueError, match="init-from .*best.pt"):
+        train(other, tmp_path / "other", progress=False, log=lambda *_: None)
