@@ -23,7 +23,8 @@ RUN consumes the image, a reset forgets everything). Results: the integer refere
 counters: the scheduler's loop nest (``len(reference_ops) + Engine.LAYER_GAP`` cycles a layer,
 one MAC-busy cycle per MAC op). Checker: every reply byte for byte (status, data, length), no byte
 more; every command must be answered within a bound (a hang fails, naming the command).
-READ_RESULT's data is not checked after a LOAD_IMAGE that wrote over the final map (bank A).
+READ_RESULT's data is not checked after a LOAD_IMAGE that wrote over the final map (bank A):
+the protocol (rtl/top.py) keeps a result only until the next LOAD_IMAGE.
 
 Bench self-check: the bench must fail on :class:`BrokenAccelerator` (a response byte lost after a
 long stall) and with a deliberately wrong model (``NQE_HOST_WRONG_MODEL``).
@@ -139,7 +140,8 @@ class HostBench:
         self.sources = {}            # opcode -> the network or image its memory holds
         self.result = None           # reference (logits or code bits) of the last RUN
         # The final map may sit in bank A, which LOAD_IMAGE writes: READ_RESULT then reads back
-        # image bytes (not documented in rtl/top.py), so it is not checked until the next RUN.
+        # image bytes (rtl/top.py: the result lasts until the next LOAD_IMAGE), so the data is
+        # not checked until the next RUN.
         self.image_overwrites_result = build_memory_map(spec).placements[-1].out_bank == 0
         self.commands = self.bytes = 0
         self.statuses = collections.Counter()

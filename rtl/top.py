@@ -57,6 +57,9 @@ two's complement), as :mod:`nqe.model.memory_map` describes; :mod:`nqe.rtl.host`
 The exact lengths and counts are properties of :class:`Accelerator` (from the memory map).
 
 A RUN consumes the image (the ping-pong overwrites bank A): load a new image before the next RUN.
+READ_RESULT reads the result bank as it is now: where the last layer writes bank A (the memory
+map's last placement), a LOAD_IMAGE overwrites the result, and READ_RESULT returns the result of
+the last RUN only until the next LOAD_IMAGE.
 """
 
 from amaranth import *
