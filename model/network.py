@@ -80,23 +80,24 @@ class NQENet(nn.Module):
 
     @property
     def has_unfolded_norm(self):
-        return any(c.norm is not None and not bool(c.norm_folded) for c in self.convs.values())
+        return any(conv.in_norm_phase for conv in self.convs.values())
 
     @torch.no_grad()
     def fold_batch_norm(self):
         """End of the BatchNorm phase: per-channel BN factors into the weights, offsets into the
-        biases, and one BSN shift per shift group (the rounded mean of its layers' log2 gains),
+        biases, and one BSN shift per shift group (the rounded mean of its layers' -log2 gains),
         frozen. Afterwards the training forward is the BSN one."""
-        gains = {}
-        for name, conv in self.convs.items():
-            if conv.norm is not None and not bool(conv.norm_folded):
-                gains.setdefault(conv.shift_group, []).append(conv.fold_norm())
-        for group, values in gains.items():
-            desired = -sum(math.log2(g) for g in values) / len(values)
-            group.frozen_shift.fill_(int(min(max(round(desired), 0), group.max_shift)))
+        gains, set_biases = {}, []
         for conv in self.convs.values():
-            if conv.norm is not None and not bool(conv.norm_folded):
-                conv.finish_fold()
+            if conv.in_norm_phase:
+                gain, set_bias = conv.fold_norm()
+                gains.setdefault(conv.shift_group, []).append(gain)
+                set_biases.append(set_bias)
+        for group, values in gains.items():
+            group.observe(-sum(math.log2(g) for g in values) / len(values), reset=True)
+            group.freeze()
+        for set_bias in set_biases:
+            set_bias()
 
     @property
     def shifts_frozen(self):

@@ -28,7 +28,8 @@ from torch import nn
 from .contract import Residual, legal_codes
 from .spec import LayerKind
 
-__all__ = ["heq_step", "minmax_step", "STEP_METHODS", "heq_codes", "ShiftGroup", "QuantConv", "EXACT_LIMIT"]
+__all__ = ["heq_step", "minmax_step", "STEP_METHODS", "heq_codes", "ShiftGroup", "QuantConv",
+           "EXACT_LIMIT"]
 
 EXACT_LIMIT = 1 << 24   # fp32 represents every integer below this exactly
 
@@ -118,14 +119,7 @@ class QuantConv(nn.Module):
 
     forward(x, skip=None) takes integer-valued activations and returns the layer's integer-valued
     output: activations 0..2**out_bits-1, or the classifier's signed logits.
-
-    ``quantize_weights`` and ``quantize_activations`` switch the training-mode rounding off for
-    progressive quantization (weights real ``w / step`` instead of codes; activations clamped but
-    not floored). Eval mode always computes the exact integer contract.
     """
-
-    quantize_weights = True
-    quantize_activations = True
 
     def __init__(self, layer, shift_group=None, batch_norm=False, quantizer="heq"):
         super().__init__()
@@ -175,8 +169,6 @@ class QuantConv(nn.Module):
         codes = heq_codes(self.weight, self.step, self.bits)
         if not self.training:
             return codes.detach()
-        if not self.quantize_weights:
-            return u
         reach = max(legal_codes(self.bits)) + 0.5
         return codes.detach() + (u - u.detach()) * (u.detach().abs() <= reach)
 
@@ -213,7 +205,7 @@ class QuantConv(nn.Module):
             self._calibrate(acc)
         if self.is_classifier:
             return acc + self.bias_codes()
-        in_norm_phase = self.norm is not None and not bool(self.norm_folded)
+        in_norm_phase = self.in_norm_phase
         if self.training and self.shift_group is not None and not in_norm_phase:
             top = (1 << layer.out_bits) - 1
             spread = acc.detach().float().std().clamp_min(1e-3)
@@ -223,8 +215,7 @@ class QuantConv(nn.Module):
         else:
             bias = self.bias_codes().view(1, -1, 1, 1)
             real = (acc + bias) / 2.0 ** self.shift
-        y = real if self.training and not self.quantize_activations else \
-            _ste(real, torch.floor(real), self.training)
+        y = _ste(real, torch.floor(real), self.training)
         top = float((1 << layer.out_bits) - 1)
         if layer.residual is Residual.ADD:
             return torch.clamp(y + skip, 0.0, top)
@@ -236,14 +227,21 @@ class QuantConv(nn.Module):
             return torch.maximum(torch.clamp(y, 0.0, 1.0), skip)
         return torch.clamp(y, 0.0, top)
 
+    @property
+    def in_norm_phase(self):
+        """Whether the forward still uses the float BatchNorm (not yet folded into BSN)."""
+        return self.norm is not None and not bool(self.norm_folded)
+
     @torch.no_grad()
     def fold_norm(self):
-        """Fold the BatchNorm into the real weights and the bias; returns the layer's gain.
+        """Fold the BatchNorm's per-channel factor into the real weights; returns the layer's
+        gain and a function that sets the BSN bias once the shift is known.
 
         BatchNorm computes ``a_c * acc + d_c`` per channel. The per-channel factor ``a_c`` moves
         into the real weights (scaled by max |a_c| to stay in [-1, 1]) before HEQ quantizes them
         again; what is left is one gain per layer, ``G = A * s' / s`` (output units per unit of
-        the new accumulator), which BSN rounds to ``2**-shift`` (``finish_fold``).
+        the new accumulator), which BSN rounds to ``2**-shift``. The bias then gives each channel
+        the BatchNorm's pre-activation mean.
         """
         norm = self.norm
         a = norm.weight / torch.sqrt(norm.running_var + norm.eps)
@@ -252,16 +250,13 @@ class QuantConv(nn.Module):
         self.weight.mul_((a / scale).view(-1, *([1] * (self.weight.dim() - 1))))
         self.step.copy_(self.step_method(self.weight, self.bits))
         # Mean of the new accumulator per channel, from the BN's running mean of the old one.
-        self._fold_mean = norm.running_mean * a * step / (scale * self.step)
-        self._fold_beta = norm.bias.detach().clone()
-        return float(scale * self.step / step)
+        new_mean = norm.running_mean * a * step / (scale * self.step)
+        beta = norm.bias.detach().clone()
 
-    @torch.no_grad()
-    def finish_fold(self):
-        """Bias such that each channel's pre-activation mean is the BatchNorm's (after BSN)."""
-        self.bias.copy_(self._fold_beta - self._fold_mean / 2.0 ** self.shift)
-        del self._fold_mean, self._fold_beta
-        self.norm_folded.fill_(True)
+        def set_bias():
+            self.bias.copy_(beta - new_mean / 2.0 ** self.shift)
+            self.norm_folded.fill_(True)
+        return float(scale * self.step / step), set_bias
 
     @torch.no_grad()
     def _calibrate(self, acc):

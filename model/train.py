@@ -21,7 +21,11 @@ from .data import load_cifar10, split_train_val
 from .network import NQENet
 from .spec import load_spec, spec_from_dict
 
-__all__ = ["TrainConfig", "train", "load_checkpoint", "evaluate_model", "augment"]
+__all__ = ["TrainError", "TrainConfig", "train", "load_checkpoint", "evaluate_model", "augment"]
+
+
+class TrainError(ValueError):
+    """A training run cannot start as configured; the message names the option and the file."""
 
 
 @dataclass
@@ -70,7 +74,7 @@ def resolve_device(name):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r}: CUDA is not available on this machine "
+        raise TrainError(f"--device {name!r}: CUDA is not available on this machine "
                          f"(use --device cpu or auto)")
     return device
 
@@ -147,7 +151,7 @@ def train(config, out_dir, resume=False, progress=True, log=print):
     if config.init_from:
         source = torch.load(config.init_from, map_location="cpu", weights_only=False)
         if source.get("spec") != config.spec_json:
-            raise ValueError(f"--init-from {config.init_from}: its spec differs from the run's "
+            raise TrainError(f"--init-from {config.init_from}: its spec differs from the run's "
                              f"spec {spec.name!r}; fine-tuning needs the same network")
     torch.manual_seed(config.seed)
     batch_norm = config.bn_epochs > 0 or (source is not None and _has_norm(source["model"]))

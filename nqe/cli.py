@@ -63,7 +63,7 @@ def cmd_budget(args):
 
 
 def cmd_train(args):
-    from nqe.model.train import TrainConfig, train
+    from nqe.model.train import TrainConfig, TrainError, train
 
     config = TrainConfig(spec=args.spec, epochs=args.epochs, batch_size=args.batch_size,
                          lr=args.lr, freeze_epochs=args.freeze_epochs, val_size=args.val_size,
@@ -73,7 +73,11 @@ def cmd_train(args):
                          init_from=args.init_from or "")
     out = Path(args.out or f"runs/{Path(args.spec).stem}")
     started = time.time()
-    _, history = train(config, out, resume=args.resume, progress=not args.no_progress)
+    try:
+        _, history = train(config, out, resume=args.resume, progress=not args.no_progress)
+    except TrainError as error:
+        print(f"nqe train: error: {error}", file=sys.stderr)
+        return 2
     best = max(history, key=lambda r: r["val_acc"]) if history else None
     if best:
         print(f"best validation accuracy {best['val_acc']:.4f} at epoch {best['epoch']}; "

@@ -8,7 +8,7 @@ import torch
 
 from nqe.model.integer_reference import run_reference
 from nqe.model.spec import BlockSpec, HeadSpec, NetworkSpec, Residual, StemSpec
-from nqe.model.train import TrainConfig, evaluate_model, load_checkpoint, train
+from nqe.model.train import TrainConfig, TrainError, evaluate_model, load_checkpoint, train
 from nqe.model.weights_io import export_model, load_weights
 
 TINY = NetworkSpec(
@@ -127,5 +127,15 @@ def test_fine_tuning_starts_from_the_checkpoint(tmp_path, synthetic_data):
 
     other = _config(tmp_path, synthetic_data, 1)
     other.spec, other.init_from = "nqe-1mb", str(first / "best.pt")
-    with pytest.raises(ValueError, match="init-from .*best.pt"):
+    with pytest.raises(TrainError, match="init-from .*best.pt"):
         train(other, tmp_path / "other", progress=False, log=lambda *_: None)
+
+
+def test_unavailable_device_is_a_clear_error():
+    from nqe.model.train import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainError, match="--device 'cuda': CUDA is not available"):
+            resolve_device("cuda")
