@@ -20,7 +20,7 @@ Model: :class:`ProtocolModel`, the documented protocol (the table of ``rtl/top.p
 command's status, the sticky error READ_STATUS returns and clears, which memories are loaded (a
 RUN consumes the image, a reset forgets everything). Results: the integer reference
 (:func:`nqe.model.integer_reference.run_reference`) of the network and image last loaded;
-counters: the scheduler's loop nest (``len(reference_ops) + Engine.LAYER_GAP`` cycles a layer,
+counters: the scheduler's loop nest (``Engine.layer_cycles`` a layer,
 one MAC-busy cycle per MAC op). Checker: every reply byte for byte (status, data, length), no byte
 more; every command must be answered within a bound (a hang fails, naming the command).
 READ_RESULT's data is not checked after a LOAD_IMAGE that wrote over the final map (bank A):
@@ -51,7 +51,7 @@ from nqe.model.random_spec import random_integer_network
 from nqe.model.spec import load_spec
 from nqe.rtl.engine import Engine
 from nqe.rtl.host import HostProtocol
-from nqe.rtl.scheduler import OpKind, reference_ops
+from nqe.rtl.scheduler import reference_ops
 from nqe.rtl.top import Accelerator, Opcode, Status
 
 from .build import CLOCK_PERIOD_NS, start_clock
@@ -117,9 +117,9 @@ def load_frames(host, net):
 def expected_counters(spec):
     """READ_COUNTERS after a RUN, from the loop nest: ``{'total', 'mac', 'layers'}``."""
     rows = build_memory_map(spec).descriptors(spec)
-    layers = {layer.name: len(reference_ops(row)) + Engine.LAYER_GAP
+    layers = {layer.name: Engine.layer_cycles(row)
               for layer, row in zip(spec.layers(), rows)}
-    mac = sum(op["kind"] is OpKind.MAC for row in rows for op in reference_ops(row))
+    mac = sum(len(reference_ops(row)) for row in rows)
     return {"total": sum(layers.values()), "mac": mac, "layers": layers}
 
 

@@ -7,17 +7,22 @@ One build runs the layers of every spec ``random_spec(seed)`` with ``seed`` in
 (:class:`WidestMemoryMap`), so the descriptor and the op fields are wide enough for all of them.
 
 Stimulus: whole layers of random specs (spec seeds drawn from the run's seed), one test per layer
-kind (stem 1x1 and 3x3 with 8-bit digit-serial inputs, pointwise and bottleneck, group-wise with
-stride 1 and 2, global pooling, classifier) and one with every kind mixed. Each layer is started
+kind (stem 1x1 and 3x3 with 8-bit inputs, pointwise and bottleneck, group-wise with stride 1
+and 2, global pooling, classifier) and one with every kind mixed. Each layer is started
 with its descriptor row (``memory_map.descriptors``) on ``desc`` and a ``start`` pulse; between
 layers ``desc`` carries random junk for random idle cycles (the scheduler may sample it only
 with ``start``). The only stream, ``ops``, has random ``ready`` stalls whose profile changes
 layer by layer (none, short, long, nearly always stalled; each in every test); the scheduler
 drives ``valid``, so the bench's side of the stall is ``ready`` and the gap before ``start``.
+The stalls do not look at the ops: one may fall on any op, ``first`` and ``last`` ones included
+(the engine holds ``ready`` low on a ``last`` op while the previous tile drains), and a test with
+stalls requires that some ``first``, inner and ``last`` ops were stalled (:func:`stall_coverage`,
+each role with at least :data:`STALL_COVERAGE_OPS` ops under a stalling profile).
 
 Model: :func:`~nqe.rtl.scheduler.reference_ops`, the plain-Python loop nest of
 ``tests/test_scheduler.py``. Checker: every accepted op equals the loop nest's op of the same
-index (the fields its kind uses); the first op is offered the cycle after ``start``; ``done``
+index, every field (:data:`OP_FIELDS`: ``act_addr``, ``act_slot``, ``zero``, ``weight_addr``,
+``first``, ``last``, ``lanes``); the first op is offered the cycle after ``start``; ``done``
 falls with ``start``, rises the cycle after the last op is accepted and holds until the next
 ``start``; no op is offered while idle. The mixed test has no stalls and checks one op a cycle.
 
@@ -45,7 +50,7 @@ from cocotb.triggers import RisingEdge
 from nqe.model.memory_map import DESCRIPTOR_FIELDS, build_memory_map
 from nqe.model.random_spec import random_spec
 from nqe.model.spec import LayerKind
-from nqe.rtl.scheduler import OpKind, Scheduler, descriptor_layout, reference_ops
+from nqe.rtl.scheduler import Scheduler, descriptor_layout, reference_ops
 
 from .build import start_clock
 from .bench_support import (RunTimer, ResetMonitor, TransferMonitor, bench_random,
@@ -53,13 +58,14 @@ from .bench_support import (RunTimer, ResetMonitor, TransferMonitor, bench_rando
                             within_cycles)
 from .streams import StreamPorts, StreamSink, reset, wait_cycles
 
-__all__ = ["KINDS", "MUTANTS", "SPEC_SEEDS", "BrokenScheduler", "FieldCodec", "LayerRun",
-           "WidestMemoryMap", "check_layer_runs", "draw_layers", "scheduler"]
+__all__ = ["KINDS", "MUTANTS", "OP_FIELDS", "SPEC_SEEDS", "BrokenScheduler", "FieldCodec",
+           "LayerRun", "WidestMemoryMap", "check_layer_runs", "decode_op", "draw_layers",
+           "op_role", "scheduler", "stall_coverage"]
 
 #: The random specs the build is sized for; a test draws its specs among them.
 SPEC_SEEDS = range(256)
-OP_FIELDS = {OpKind.LOAD: ("act_addr", "act_slot", "zero", "win"),
-             OpKind.MAC: ("weight_addr", "offset", "digit", "first", "last", "channel", "end")}
+#: The fields of an op (``Scheduler.op_layout``), all checked on every op.
+OP_FIELDS = ("act_addr", "act_slot", "zero", "weight_addr", "first", "last", "lanes")
 #: Layer kinds, one test each: which layers, and the variants each test must contain.
 KINDS = {
     "stem": ({LayerKind.STEM}, (lambda layer: layer.kernel == 1, lambda layer: layer.kernel == 3)),
@@ -73,7 +79,8 @@ KINDS = {
 }
 #: ``ready`` stall profiles (probability, longest stall), one per layer, each in every test.
 STALL_PROFILES = ((0.0, 1), (0.25, 3), (0.5, 8), (0.9, 2))
-#: Longest layer a test draws, in ops (a 3x3 stem of a 16x16 spec has 19,200).
+#: Longest layer a test draws, in ops (a 3x3 stem of a 16x16 spec has up to 13,824, a
+#: group-wise layer up to 27,648; a few of those are left out).
 MOST_OPS = 12_000
 
 
@@ -145,13 +152,12 @@ class FieldCodec:
 
 
 def decode_op(codec, bits):
-    """An emitted op as the loop nest writes it: ``kind`` plus the fields that kind uses."""
-    kind = OpKind(codec.unpack(bits, ("kind",))["kind"])
-    return {"kind": kind, **codec.unpack(bits, OP_FIELDS[kind])}
+    """An emitted op as the loop nest writes it: a dict of the :data:`OP_FIELDS`."""
+    return codec.unpack(bits, OP_FIELDS)
 
 
 def _strip(op):
-    return {"kind": op["kind"], **{name: op[name] for name in OP_FIELDS[op["kind"]]}}
+    return {name: op[name] for name in OP_FIELDS}
 
 
 class LayerRun:
@@ -164,6 +170,7 @@ class LayerRun:
         self.row = row
         self.ops = [_strip(op) for op in reference_ops(row)] if ops is None else ops
         self.start = self.done = None
+        self.profile = (0.0, 1)
 
     @classmethod
     def of(cls, seed, layer, row):
@@ -173,6 +180,35 @@ class LayerRun:
     def again(self):
         """The same layer, run again after the reset."""
         return LayerRun(f"{self.where} (rerun after the reset)", self.row, self.ops)
+
+
+def op_role(op):
+    """Where an op sits in its tile's dot products: ``"last"`` (closes them; the engine holds
+    ``ready`` low on these while the previous tile drains), ``"first"`` or ``"inner"``."""
+    return "last" if op["last"] else "first" if op["first"] else "inner"
+
+
+#: Ops of one role offered under stalling profiles above which the test requires that at least
+#: one of them was stalled (at the mildest profile, 25 %, none in 50 is a 6e-7 chance).
+STALL_COVERAGE_OPS = 50
+
+
+def stall_coverage(runs, transfers):
+    """``{role: [ops offered under a stalling profile, ops of them offered for more than one
+    cycle]}`` over the finished runs (:func:`op_role`): while a layer runs ``valid`` stays high,
+    so op ``i`` is offered from the cycle after op ``i - 1`` was taken (op 0: after ``start``)."""
+    coverage = {role: [0, 0] for role in ("first", "inner", "last")}
+    for run in runs:
+        if run.done is None or run.profile[0] == 0:
+            continue
+        mine = [t for t in transfers if run.start < t.cycle <= run.done]
+        offered = run.start + 1
+        for op, transfer in zip(run.ops, mine):
+            counts = coverage[op_role(op)]
+            counts[0] += 1
+            counts[1] += transfer.cycle > offered
+            offered = transfer.cycle + 1
+    return coverage
 
 
 @functools.cache
@@ -272,7 +308,7 @@ class BrokenScheduler(wiring.Component):
 
 
 def _ops_budget(kind, share=1):
-    """Ops for ``kind`` layers (a ``share`` of the test's): classifiers are 12-34 ops, a tenth."""
+    """Ops for ``kind`` layers (a ``share`` of the test's): classifiers are 4-24 ops, a tenth."""
     return int(os.environ.get("NQE_SCHEDULER_OPS", "30000")) // share // (
         10 if kind == "classifier" else 1)
 
@@ -315,6 +351,7 @@ async def _run_layers(dut, name, runs, rng, stalls):
             await wait_cycles(dut.clk, idle)
         assert int(dut.done.value) == 1, f"{hint} {run.where}: done fell while idle"
         profile[:] = stall_profile
+        run.profile = stall_profile
         dut.desc.value = desc_codec.pack(run.row)
         dut.start.value = 1
         await RisingEdge(dut.clk)
@@ -367,16 +404,24 @@ async def _run_layers(dut, name, runs, rng, stalls):
 
     check_across_reset(compare, expect(schedule[:cut + 1]), before + during,
                        expect(schedule[cut + 1:]), after, what=name)
+    coverage = stall_coverage(schedule, taken.transfers)
+    for role, (offered, stalled) in coverage.items():
+        # Stalls fall on any op: the engine's (ready low on a last op) among them.
+        assert offered < STALL_COVERAGE_OPS or stalled, (
+            f"{hint} {name}: none of {offered} {role} ops offered under a stalling profile was "
+            f"stalled")
     if not stalls:
         for run in schedule:
             if run.done is not None:       # one op a cycle, the first the cycle after start
                 assert run.done == run.start + len(run.ops), (
                     f"{hint} {run.where}: {len(run.ops)} ops took cycles {run.start + 1} to "
                     f"{run.done} with ready always high (expected one op a cycle)")
+    stalled_ops = ", ".join(f"{stalled}/{offered} {role}" for role, (offered, stalled)
+                            in coverage.items())
     dut._log.info(f"{hint} {name}: {len(schedule)} layer runs ({ops_total} ops; "
                   f"{len(before) + len(during)} + {len(after)} taken around a reset at cycle "
-                  f"{window.first}), {cycles:.0f} cycles in {wall:.2f} s "
-                  f"({cycles / wall:,.0f} cycles/s)")
+                  f"{window.first}; ops stalled: {stalled_ops if stalls else 'no stalls'}), "
+                  f"{cycles:.0f} cycles in {wall:.2f} s ({cycles / wall:,.0f} cycles/s)")
 
 
 @cocotb.test()

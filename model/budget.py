@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+from . import contract
 from .memory_map import build_memory_map
 
 __all__ = ["BudgetRow", "Budget", "compute_budget"]
@@ -43,6 +44,13 @@ class Budget:
         }
 
 
+def _padding(layer, spec, placement):
+    """Padding codes of a layer's weight stream (lanes a partial tile leaves empty)."""
+    per = contract.codes_per_word(layer.weight_bits, spec.hardware.weight_word_bits)
+    pad = placement.weight_words * per - layer.weight_count
+    return f" + {pad} padding" if pad else ""
+
+
 def compute_budget(spec):
     mm = build_memory_map(spec)
     rows = []
@@ -50,7 +58,8 @@ def compute_budget(spec):
         if not layer.has_weights:
             continue
         rows.append(BudgetRow(layer.name, "weights",
-                              f"{layer.weight_count} x {layer.weight_bits}b in {p.weight_words} "
+                              f"{layer.weight_count} x {layer.weight_bits}b"
+                              f"{_padding(layer, spec, p)} in {p.weight_words} "
                               f"words of {mm.weight_word_bits}b", p.weight_words *
                               mm.weight_word_bits))
         rows.append(BudgetRow(layer.name, "biases",

@@ -29,7 +29,7 @@ __all__ = ["WeightsError", "FORMAT", "VERSION", "write_weights", "load_weights",
            "export_model", "integer_network_from_model"]
 
 FORMAT = "nqe-weights"
-VERSION = 1
+VERSION = 2   # 2: weight files in the tiled stream order (one code per MAC lane, memory_map.weight_stream)
 
 
 class WeightsError(ValueError):
@@ -194,8 +194,12 @@ def load_weights(folder, spec=None):
                 raise WeightsError(f"{where}: mux select values must be 0 or 1, found "
                                    f"{int(raw.max())}")
             select = raw.astype(bool)
-        layers[layer.name] = IntegerLayer(
-            layer.name, weights_from_stream(codes, layer, spec.hardware), bias, select)
+        try:
+            weights = weights_from_stream(codes, layer, spec.hardware,
+                                          where=f"{where} ({files['weights']['path']})")
+        except contract.ContractError as error:
+            raise WeightsError(str(error)) from None
+        layers[layer.name] = IntegerLayer(layer.name, weights, bias, select)
     return IntegerNetwork(spec, layers, shifts, manifest.get("meta", {}))
 
 

@@ -10,7 +10,7 @@ from nqe.model.memory_map import build_memory_map
 from nqe.model.spec import LayerKind
 from nqe.rtl.mac_array import MACArray
 from nqe.rtl.post_acc import PostAcc, PostAccMode
-from nqe.rtl.scheduler import OpKind, Scheduler, descriptor_layout
+from nqe.rtl.scheduler import Scheduler, descriptor_layout, layer_cycles
 from nqe.rtl.sram import Bank
 
 __all__ = ["Target", "Engine", "COUNTER_BITS"]
@@ -35,40 +35,40 @@ class Engine(wiring.Component):
     """Runs layers ``first_layer .. last_layer`` of a spec on the image (or maps) in its banks.
 
     Dataflow per layer (the descriptor table, :meth:`MemoryMap.descriptors`, is a ROM here):
-    the :class:`~nqe.rtl.scheduler.Scheduler` emits one op a cycle. A LOAD reads the layer's input
-    bank (A or B: ``in_bank``) and writes one activation into the window register; a MAC reads
-    one word of the weight bank and presents it to the :class:`~nqe.rtl.mac_array.MACArray`, lane
-    ``i`` taking window entry ``offset + i`` (0 outside the fan-in). Each finished dot product
-    meets its bias (bias bank), its mux select bit, and its skip activation (residual bank R, read
-    in output order) at the :class:`~nqe.rtl.post_acc.PostAcc`, whose output is packed into the
-    output bank (``out_bank``) in HWC order (see :mod:`nqe.model.memory_map`); a layer whose output
-    is a residual block's input writes the same words to R. Global sum pooling runs on the same
-    path with an all-ones 1-bit weight word and ``LOGIT`` mode (no bias); the classifier writes
-    its logits (two's complement slots) and tracks the arg-max (lowest index wins a tie).
+    the :class:`~nqe.rtl.scheduler.Scheduler` emits one op a cycle, each reading one word of the
+    weight bank and one word of the layer's input bank (A or B: ``in_bank``). The
+    :class:`~nqe.rtl.mac_array.MACArray` takes the weight word whole (lane ``l``, code ``l``) and
+    one activation per lane: lane ``l`` reads lane group ``l >> lane_group_log2``'s element of
+    the input word (groups ``group_stride_log2`` bits apart: a tile of several convolution
+    groups reads all its groups' channels from one HWC word), 0 in the zero padding and in the
+    lanes a partial tile leaves empty. Each lane accumulates one output channel of the pixel
+    (:class:`~nqe.model.memory_map.Tiling`). A finished tile's sums land in the drain register,
+    which hands them one a cycle, in output channel order, to the
+    :class:`~nqe.rtl.post_acc.PostAcc` with their bias (bias bank), mux select bit and skip
+    activation (residual bank R, read in output order), while the next tile accumulates. The
+    PostAcc's outputs are packed into the output bank (``out_bank``) in HWC order (see
+    :mod:`nqe.model.memory_map`); a layer whose output is a residual block's input writes the
+    same words to R. Global sum pooling runs on the same path with all-ones 1-bit weight words
+    and ``LOGIT`` mode (no bias); the classifier writes its logits (two's complement slots) and
+    tracks the arg-max (lowest index wins a tie).
 
-    Pipeline: op issue (bank reads) -> window write / MAC input -> +2 MAC -> +3 PostAcc -> write,
-    so a layer's last output is written 6 cycles after its last op; the engine then drains and
-    fetches the next descriptor and shift (``LAYER_GAP`` cycles between layers).
+    Pipeline: op issue (bank reads) -> lane routing / MAC input -> +2 MAC -> drain register
+    -> bias/skip reads -> +3 PostAcc -> write. A tile's last op is held (``ops.ready`` low)
+    until the drain register will have emptied by the time its sums land, i.e. ``lanes``
+    cycles after the previous tile's last op; tiles at least as long (fan-in) as they are wide
+    (lanes) never wait.
 
-    Latency/throughput: one op a cycle with no stall inside a layer; a layer takes exactly
-    ``len(reference_ops(desc)) + LAYER_GAP`` cycles (tested). MAC utilization is lost to LOAD ops,
-    to words straddling two output channels and to digit-serial wide inputs (see ``Scheduler``),
-    and to the ``LAYER_GAP`` per layer (negligible). For nqe-1mb this first version needs about
-    3.91 M cycles an image against an ideal of 1.53 M (2.57x; goal 1.15x): group-wise layers
-    5.3x (loads: 36 of every 48 cycles), the stem 5.2x (8-bit digit-serial, 3 cycles a word, and
-    27-code channels straddling words), pointwise layers 1.2-2.0x. What recovers it, in order of
-    gain: (1) a double-buffered window filled while the MACs run (loads hidden for pointwise
-    layers); (2) word-wide loads (one HWC bank word holds up to 16-48 channels of a pixel) and
-    several output pixels per window for group-wise layers; (3) channel-aligned weight words
-    (pad each output channel's codes to whole words in ``weight_stream``), which also removes
-    the lane rotation; (4) a wider-lane stem path for the 8-bit image.
+    Latency/throughput: one op a cycle; a layer takes exactly :meth:`layer_cycles` cycles
+    (tested against the RTL counters). Every op carries a whole weight word, so the cycles are
+    the ideal (MACs / products a cycle) plus the lanes a partial tile leaves empty (a 2-bit
+    pointwise layer with 64 outputs on 24 lanes fills 64 of 72), the waits above, and
+    ``PIPELINE + LAYER_GAP`` a layer. For nqe-1mb: 1,646,745 cycles an image against an ideal
+    of 1,525,669 (MAC utilization 0.93).
 
-    FPGA fit (iCE40UP5K): not yet. The lane crossbar (``weight_word_bits`` lanes, each a
-    ``window_size``-to-1 multiplexer of ``max in_bits`` bits) is far beyond 5,280 LUTs at nqe-1mb
-    sizes (48 x 256 entries). With channel-aligned weight words (item 3) lane ``i`` of the word
-    ``j`` of a channel reads window entry ``j * codes_per_word + i``: the window becomes a small
-    memory of ``codes_per_word``-lane rows read one row a cycle, with no crossbar. The scheduler's
-    two address multipliers use 2 of the 8 DSPs.
+    FPGA fit (iCE40UP5K): the lanes are ``MACArray.from_spec`` sized (24 for nqe-1mb), each a
+    shift-and-add of an 8-bit activation and an accumulator; there is no crossbar. The lane
+    routing is a small multiplexer per lane, built only for the lane-group splits the spec uses.
+    The scheduler's two address multipliers use 2 of the 8 DSPs.
 
     Members
     -------
@@ -88,8 +88,14 @@ class Engine(wiring.Component):
         while not ``busy``.
     """
 
-    LAYER_GAP = 12
-    DRAIN_CYCLES = 8   # > the 6-cycle op-to-write pipeline, so the next layer reads written data
+    PIPELINE = 8       # a tile's last op to its last output's bank write, less its drain
+    LAYER_GAP = 4      # descriptor fetch, shift read, launch, counter write
+
+    @classmethod
+    def layer_cycles(cls, desc):
+        """Exact cycles one layer takes (what ``LAYER_CYCLES`` reports): see
+        :func:`~nqe.rtl.scheduler.layer_cycles`."""
+        return layer_cycles(desc, cls.PIPELINE) + cls.LAYER_GAP
 
     def __init__(self, spec):
         self._spec = spec
@@ -176,7 +182,6 @@ class Engine(wiring.Component):
         d = Signal(desc_layout)
         shift = Signal(range(self._post.max_shift + 1))
         m.d.comb += sched.desc.eq(d)
-        m.d.comb += sched.ops.ready.eq(1)
 
         # ---- host access while idle
         hw, hr = self.host_write, self.host_read
@@ -200,74 +205,109 @@ class Engine(wiring.Component):
             with m.Case(Target.LAYER_CYCLES):
                 m.d.comb += self.host_read_data.eq(cycles_mem.read.data)
 
-        # ---- stage 0: the op's bank reads
+        # ---- stage 0: the op's bank reads. A tile's last op waits until the drain register
+        # will be free when its results arrive (see Scheduler / layer_cycles).
         op = sched.ops.payload
+        hold = Signal(range(mac.lanes + 1))
+        m.d.comb += sched.ops.ready.eq(~(op.last & (hold != 0)))
+        issued = Signal()
+        m.d.comb += issued.eq(sched.ops.valid & sched.ops.ready)
+        with m.If(issued & op.last):
+            m.d.sync += hold.eq(op.lanes - 1)
+        with m.Elif(hold != 0):
+            m.d.sync += hold.eq(hold - 1)
         with m.If(self.busy):
             m.d.comb += [act[0].read.addr.eq(op.act_addr), act[1].read.addr.eq(op.act_addr),
                          weights.read.addr.eq(op.weight_addr)]
         s1 = Signal.like(op)
-        s1_load = Signal()
-        s1_mac = Signal()
-        m.d.sync += [s1.eq(op),
-                     s1_load.eq(sched.ops.valid & (op.kind == OpKind.LOAD)),
-                     s1_mac.eq(sched.ops.valid & (op.kind == OpKind.MAC))]
+        s1_valid = Signal()
+        m.d.sync += [s1.eq(op), s1_valid.eq(issued)]
 
-        # ---- stage 1: window write (LOAD) or MAC input (MAC)
-        window_bits = max(layer.in_bits for layer in self._layers)
-        window = Array(Signal(window_bits, name=f"win{i}") for i in range(sched.window_size))
+        # ---- stage 1: route the activation word to the lanes, present the weight word
         in_word = Signal(mm.act_word_bits)
         m.d.comb += in_word.eq(Mux(d.in_bank, act[1].read.data, act[0].read.data))
         in_slot_bits = Signal(range(mm.act_word_bits + 1))
         m.d.comb += in_slot_bits.eq(1 << d.in_slot_log2)
-        in_value = Signal(window_bits)
-        m.d.comb += in_value.eq((in_word >> (s1.act_slot << d.in_slot_log2))
-                                & ((1 << in_slot_bits) - 1))
-        with m.If(s1_load):
-            m.d.sync += window[s1.win].eq(Mux(s1.zero, 0, in_value))
+        in_mask = Signal(mac.act_bits)
+        m.d.comb += in_mask.eq((1 << in_slot_bits) - 1)
+        aligned = Signal(mm.act_word_bits)        # lane group 0's element in the low bits
+        m.d.comb += aligned.eq(in_word >> (s1.act_slot << d.in_slot_log2))
+        # Only the lane-group routings some layer of the spec uses are built: lane l reads
+        # group l >> lane_group_log2, whose element sits group_stride_log2 bits higher.
+        group_log2s_used = sorted({row["lane_group_log2"] for row in self._rows})
+        strides_used = sorted({row["group_stride_log2"] for row in self._rows})
+        group_acts = {}
+        for index in sorted({lane >> log2 for lane in range(mac.lanes)
+                             for log2 in group_log2s_used}):
+            value = Signal(mac.act_bits, name=f"group_act{index}")
+            if index == 0:
+                m.d.comb += value.eq(aligned & in_mask)
+            else:
+                with m.Switch(d.group_stride_log2):
+                    for stride in strides_used:
+                        if index << stride < mm.act_word_bits:
+                            with m.Case(stride):
+                                m.d.comb += value.eq((aligned >> (index << stride)) & in_mask)
+            group_acts[index] = value
 
         is_pool = Signal()
         m.d.comb += is_pool.eq(d.kind == _KIND_POOL)
-        lane_bits = mac.lane_act_bits
         m.d.comb += [
             mac.weight_bits.eq(d.mac_weight_bits),
-            mac.input.valid.eq(s1_mac),
+            mac.input.valid.eq(s1_valid),
             mac.input.payload.weights.eq(Mux(is_pool, (1 << mm.weight_word_bits) - 1,
                                              weights.read.data)),
-            mac.input.payload.digit.eq(s1.digit),
             mac.input.payload.first.eq(s1.first),
             mac.input.payload.last.eq(s1.last),
         ]
-        for lane in range(mm.weight_word_bits):
-            f = Signal(signed(len(s1.offset) + 1), name=f"f{lane}")
-            m.d.comb += f.eq(s1.offset + lane)
-            inside = (f >= 0) & (f < d.fan_in)
-            entry = window[f.as_unsigned()[:ceil_log2(max(sched.window_size, 2))]]
-            digit_value = (entry >> (s1.digit * lane_bits))[:lane_bits]
-            m.d.comb += mac.input.payload.activations[lane].eq(Mux(inside, digit_value, 0))
+        for lane in range(mac.lanes):
+            routed = Signal(mac.act_bits, name=f"lane_act{lane}")
+            with m.Switch(d.lane_group_log2):
+                for group_log2 in group_log2s_used:
+                    with m.Case(group_log2):
+                        m.d.comb += routed.eq(group_acts[lane >> group_log2])
+            # Empty lanes (a partial tile) and padding pixels take 0: an exact zero product,
+            # whatever the padding code (a 1-bit field of 0 means -1).
+            m.d.comb += mac.input.payload.activations[lane].eq(
+                Mux(s1.zero | (lane >= s1.lanes), 0, routed))
 
-        # ---- stage 2: bias, select and skip reads for a finished dot product
-        s2_last = Signal()
-        s2_channel = Signal.like(op.channel)
-        s2_end = Signal()
-        m.d.sync += [s2_last.eq(s1_mac & s1.last), s2_channel.eq(s1.channel),
-                     s2_end.eq(s1_mac & s1.last & s1.end)]
+        # ---- stage 3: the tile's sums land in the drain register, which hands them to the
+        # post-accumulation path one a cycle, in output channel order.
+        s2_lanes = Signal.like(op.lanes)
+        s3_lanes = Signal.like(op.lanes)
+        m.d.sync += [s2_lanes.eq(s1.lanes), s3_lanes.eq(s2_lanes)]
+        drain = Array(Signal(signed(mac.acc_bits), name=f"drain{i}") for i in range(mac.lanes))
+        drain_count = Signal(range(mac.lanes + 1))
+        with m.If(mac.result.valid):
+            m.d.sync += drain_count.eq(s3_lanes)
+            m.d.sync += [drain[i].eq(mac.result.payload[i]) for i in range(mac.lanes)]
+        with m.Elif(drain_count != 0):
+            m.d.sync += drain_count.eq(drain_count - 1)
+            m.d.sync += [drain[i].eq(drain[i + 1]) for i in range(mac.lanes - 1)]
+        emit = Signal()
+        m.d.comb += emit.eq(drain_count != 0)
+
+        # ---- stage 4: bias, select and skip reads for the emitted sum
+        channel = Signal(range(max(l.out_channels for l in self._layers) + 1))
         skip_k = Signal(range(max(mm.residual_words, 1) * mm.act_word_bits + 1))
         skip_mask = Signal(ceil_log2(mm.act_word_bits) + 1)
         m.d.comb += skip_mask.eq((1 << d.skip_elems_log2) - 1)
-        m.d.comb += [biases.read.addr.eq(d.bias_base + s2_channel),
-                     selects.read.addr.eq(d.select_base + s2_channel),
+        m.d.comb += [biases.read.addr.eq(d.bias_base + channel),
+                     selects.read.addr.eq(d.select_base + channel),
                      residual.read.addr.eq(skip_k >> d.skip_elems_log2)]
-        s3_skip_slot = Signal.like(skip_mask)
-        s3_end = Signal()
-        m.d.sync += [s3_skip_slot.eq(skip_k & skip_mask), s3_end.eq(s2_end)]
-        with m.If(s2_last):
-            m.d.sync += skip_k.eq(skip_k + 1)
+        s4_valid = Signal()
+        s4_acc = Signal(signed(mac.acc_bits))
+        s4_skip_slot = Signal.like(skip_mask)
+        m.d.sync += [s4_valid.eq(emit), s4_acc.eq(drain[0]), s4_skip_slot.eq(skip_k & skip_mask)]
+        with m.If(emit):
+            m.d.sync += [channel.eq(Mux(channel == d.out_channels - 1, 0, channel + 1)),
+                         skip_k.eq(skip_k + 1)]
 
-        # ---- stage 3: post-accumulation
+        # ---- stage 5: post-accumulation
         skip_value = Signal(self._post.skip_bits_max)
         skip_slot_bits = Signal(range(mm.act_word_bits + 1))
         m.d.comb += skip_slot_bits.eq(1 << d.skip_slot_log2)
-        m.d.comb += skip_value.eq((residual.read.data >> (s3_skip_slot << d.skip_slot_log2))
+        m.d.comb += skip_value.eq((residual.read.data >> (s4_skip_slot << d.skip_slot_log2))
                                   & ((1 << skip_slot_bits) - 1))
         mode = Signal(PostAccMode)
         with m.If((d.kind == _KIND_POOL) | (d.kind == _KIND_CLASSIFIER)):
@@ -277,15 +317,12 @@ class Engine(wiring.Component):
         m.d.comb += [
             post.mode.eq(mode), post.shift.eq(shift), post.out_bits.eq(d.out_bits),
             post.skip_bits.eq(d.skip_bits),
-            post.input.valid.eq(mac.result.valid),
-            post.input.payload.acc.eq(mac.result.payload),
+            post.input.valid.eq(s4_valid),
+            post.input.payload.acc.eq(s4_acc),
             post.input.payload.bias.eq(Mux(is_pool, 0, biases.read.data.as_signed())),
             post.input.payload.skip.eq(skip_value),
             post.input.payload.select.eq(selects.read.data),
         ]
-        end_line = Signal(3)
-        m.d.sync += end_line.eq(Cat(s3_end, end_line[:-1]))
-        out_end = end_line[-1]
 
         # ---- stage 6: pack outputs into the output bank (HWC, sequential) and R
         k = Signal(range(max(mm.bank_words) * mm.act_word_bits + 1))
@@ -303,6 +340,8 @@ class Engine(wiring.Component):
                              << (out_slot << d.out_slot_log2))
         merged = Signal(mm.act_word_bits)
         m.d.comb += merged.eq(word | field)
+        out_end = Signal()
+        m.d.comb += out_end.eq(k == d.outputs - 1)
         flush = Signal()
         m.d.comb += flush.eq(post.output.valid & ((out_slot == out_mask) | out_end))
         out_addr = Signal(range(max(mm.bank_words) + 1))
@@ -325,12 +364,11 @@ class Engine(wiring.Component):
         layer = Signal.like(self.last_layer)
         last_layer = Signal.like(self.last_layer)
         layer_cycles = Signal(COUNTER_BITS)
-        drain = Signal(range(self.DRAIN_CYCLES))
         m.d.comb += [rom_rd.addr.eq(layer), shifts.read.addr.eq(rom_rd.data.shift_index)]
         with m.If(self.busy):
             m.d.sync += [self.total_cycles.eq(self.total_cycles + 1),
                          layer_cycles.eq(layer_cycles + 1)]
-            with m.If(s1_mac):
+            with m.If(s1_valid):
                 m.d.sync += self.mac_cycles.eq(self.mac_cycles + 1)
         with m.FSM():
             with m.State("IDLE"):
@@ -345,16 +383,15 @@ class Engine(wiring.Component):
                 m.d.sync += d.eq(rom_rd.data)
                 m.next = "LAUNCH"
             with m.State("LAUNCH"):
-                m.d.sync += [shift.eq(shifts.read.data), k.eq(0), skip_k.eq(0), word.eq(0)]
+                m.d.sync += [shift.eq(shifts.read.data), k.eq(0), skip_k.eq(0), word.eq(0),
+                             channel.eq(0)]
                 m.d.comb += sched.start.eq(1)
                 m.next = "RUN"
             with m.State("RUN"):
                 with m.If(sched.done):
-                    m.d.sync += drain.eq(self.DRAIN_CYCLES - 1)
                     m.next = "DRAIN"
-            with m.State("DRAIN"):
-                m.d.sync += drain.eq(drain - 1)
-                with m.If(drain == 0):
+            with m.State("DRAIN"):        # until the layer's last output is written
+                with m.If(k == d.outputs):
                     m.d.comb += [cycles_mem.write.en.eq(1), cycles_mem.write.addr.eq(layer),
                                  cycles_mem.write.data.eq(layer_cycles + 1)]
                     m.d.sync += [layer.eq(layer + 1), layer_cycles.eq(0)]

@@ -1,9 +1,11 @@
 """MAC array on Verilator (bench nqe.cosim.bench_mac_array): every weight width with 1-3 bit and
-digit-serial 8-bit activations, random and extreme dot products, random input gaps, a reset in the
-middle of every run. One build for the module (sim_build/mac_array, reused while the Verilog is
-unchanged); the weight width is a run-time input.
+8-bit activations (taken whole), random and extreme tiles (24 lanes, one dot product each, one
+word a cycle; the lanes past the word's codes carry junk), back-to-back tiles and random input
+gaps, a reset in the middle of every run. One build for the module (sim_build/mac_array, reused
+while the Verilog is unchanged); the weight width is a run-time input.
 
-The seed is drawn per run and printed; NQE_COSIM_SEED=<n> replays it.
+The seed is drawn per run and printed; NQE_COSIM_SEED=<n> replays it; NQE_MAC_TILES sets the
+tiles on each side of the reset (default 120).
 """
 
 

@@ -163,7 +163,6 @@ def test_shipped_weights_on_verilator(cifar_test):
     from nqe.model.memory_map import build_memory_map
     from nqe.model.weights_io import load_weights
     from nqe.rtl.engine import Engine
-    from nqe.rtl.scheduler import reference_ops
 
     weights = Path(__file__).resolve().parent.parent / "weights" / "nqe-1mb"
     spec = load_weights(weights).spec
@@ -177,7 +176,7 @@ def test_shipped_weights_on_verilator(cifar_test):
         sum(layer.macs / (spec.hardware.weight_word_bits // layer.weight_bits)
             for layer in spec.layers() if layer.has_weights))
     rows = build_memory_map(spec).descriptors(spec)
-    expected_layers = {layer.name: len(reference_ops(row)) + Engine.LAYER_GAP
+    expected_layers = {layer.name: Engine.layer_cycles(row)
                        for layer, row in zip(spec.layers(), rows)}
     assert report["layer_cycles"] == expected_layers
     assert report["cycles_per_image"] == sum(expected_layers.values())

@@ -68,7 +68,6 @@ def test_random_spec_matches_reference_on_verilator(seed, tmp_path):
     from nqe.cosim.network import cosimulate
     from nqe.model.memory_map import build_memory_map
     from nqe.rtl.engine import Engine
-    from nqe.rtl.scheduler import reference_ops
 
     tag = f"[{SEED_VARIABLE}={seed}]"
     spec = random_spec(seed)
@@ -89,7 +88,7 @@ def test_random_spec_matches_reference_on_verilator(seed, tmp_path):
     assert report["images"] == IMAGES, f"{tag} {report['images']} images came back"
     assert report["mismatches"] == 0, f"{tag} mismatches: {report['mismatch_details']}"
     rows = build_memory_map(spec).descriptors(spec)
-    expected_layers = {layer.name: len(reference_ops(row)) + Engine.LAYER_GAP
+    expected_layers = {layer.name: Engine.layer_cycles(row)
                        for layer, row in zip(spec.layers(), rows)}
     # Every image takes the same cycles, so the per-layer means are exact integers.
     assert report["layer_cycles"] == expected_layers, \

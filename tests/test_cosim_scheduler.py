@@ -16,8 +16,9 @@ import xml.etree.ElementTree as ElementTree
 
 import pytest
 
-from nqe.cosim.bench_scheduler import (KINDS, MUTANTS, BrokenScheduler, FieldCodec, LayerRun,
-                                       check_layer_runs, decode_op, scheduler)
+from nqe.cosim.bench_scheduler import (KINDS, MUTANTS, OP_FIELDS, BrokenScheduler, FieldCodec,
+                                       LayerRun, check_layer_runs, decode_op, op_role, scheduler,
+                                       stall_coverage)
 from nqe.cosim.bench_support import ResetWindow, Transfer, check_across_reset
 from nqe.cosim.build import (SEED_VARIABLE, SIM_BUILD, build_simulator, draw_seed,
                              run_seeded_bench)
@@ -52,8 +53,9 @@ def test_mixed_layers_back_to_back(simulator):
 
 
 def test_checker_rejects_a_wrong_expected_op(monkeypatch):
-    """The bench's checker on the loop nest's own ops: silent; with one expected field off by
-    one (the model deliberately wrong), it fails and names the op."""
+    """The bench's checker on the loop nest's own ops: silent; with any one expected op field off
+    by one (the model deliberately wrong), it fails and names the op. The stall coverage count
+    sees the stalls the transfer cycles imply."""
     monkeypatch.setenv(SEED_VARIABLE, str(SEED))
     spec = random_spec(11)
     layer, row = spec.layers()[2], build_memory_map(spec).descriptors(spec)[2]
@@ -68,14 +70,25 @@ def test_checker_rejects_a_wrong_expected_op(monkeypatch):
         assert decode_op(codec, actual.value) == expected, label
 
     check_across_reset(compare, [], [], run.ops, taken, what="self-check")
-    wrong = [dict(op) for op in run.ops]
-    index = len(wrong) // 2
-    field = "win" if "win" in wrong[index] else "weight_addr"
-    wrong[index][field] += 1
-    with pytest.raises(AssertionError, match=f"output #{index} after the reset"):
-        check_across_reset(compare, [], [], wrong, taken, what="self-check")
+    index = len(run.ops) // 2
+    for field in OP_FIELDS:
+        wrong = [dict(op) for op in run.ops]
+        wrong[index][field] ^= 1
+        with pytest.raises(AssertionError, match=f"output #{index} after the reset"):
+            check_across_reset(compare, [], [], wrong, taken, what="self-check")
     with pytest.raises(AssertionError, match="outside every layer run"):
         check_layer_runs([run], taken + [Transfer(run.done + 3, taken[0].value)], window)
+
+    # Stall coverage: none at one op a cycle; a 2-cycle stall on the first last op shows up.
+    run.profile = (0.5, 8)
+    assert all(stalled == 0 for _, stalled in stall_coverage([run], taken).values())
+    last = next(i for i, op in enumerate(run.ops) if op["last"])
+    late = [Transfer(t.cycle + 2 * (i >= last), t.value) for i, t in enumerate(taken)]
+    run.done += 2
+    coverage = stall_coverage([run], late)
+    assert coverage["last"][1] == 1 and sum(s for _, s in coverage.values()) == 1, coverage
+    assert sum(offered for offered, _ in coverage.values()) == len(run.ops)
+    assert op_role(run.ops[last]) == "last"
 
 
 def cocotb_failure_messages(build_dir):

@@ -8,15 +8,14 @@ from amaranth.sim import Simulator
 
 from nqe.model import contract
 from nqe.model.integer_reference import run_reference
-from nqe.model.memory_map import build_memory_map
+from nqe.model.memory_map import build_memory_map, weight_stream
 from nqe.model.random_spec import random_integer_network, random_spec
 from nqe.model.spec import LayerKind, Residual, load_spec
-from nqe.rtl.scheduler import OpKind, Scheduler, reference_ops
+from nqe.rtl.scheduler import Scheduler, reference_ops
 
 SEED = 20261122
 SPEC_SEEDS = [3, 11, 17, 29]
-OP_FIELDS = {OpKind.LOAD: ("act_addr", "act_slot", "zero", "win"),
-             OpKind.MAC: ("weight_addr", "offset", "digit", "first", "last", "channel", "end")}
+OP_FIELDS = ("act_addr", "act_slot", "zero", "weight_addr", "first", "last", "lanes")
 
 
 def _emitted(dut, desc, limit, stall_every=0):
@@ -38,9 +37,7 @@ def _emitted(dut, desc, limit, stall_every=0):
                 break
             if ready and ctx.get(dut.ops.valid):
                 payload = ctx.get(dut.ops.payload)
-                kind = OpKind(payload.kind)
-                ops.append({"kind": kind} | {f: int(getattr(payload, f))
-                                              for f in OP_FIELDS[kind]})
+                ops.append({f: int(getattr(payload, f)) for f in OP_FIELDS})
             await ctx.tick()
             cycle += 1
 
@@ -52,7 +49,7 @@ def _emitted(dut, desc, limit, stall_every=0):
 
 
 def _strip(ops):
-    return [{"kind": op["kind"]} | {f: op[f] for f in OP_FIELDS[op["kind"]]} for op in ops]
+    return [{f: op[f] for f in OP_FIELDS} for op in ops]
 
 
 def _compare(spec, names, limit, stall_every=0):
@@ -72,7 +69,7 @@ def _compare(spec, names, limit, stall_every=0):
 
 def test_nqe_1mb_layer_shapes_truncated():
     spec = load_spec("nqe-1mb")
-    # Stem (3x3, 8-bit digits), pointwise, group-wise stride 1 and 2, pool, classifier.
+    # Stem (3x3, 8-bit image), pointwise, group-wise stride 1 and 2, pool, classifier.
     _compare(spec, ["stem", "b1.pw1", "b1.gw", "b2.gw", "b6.pw2"], limit=400)
     _compare(spec, ["pool", "classifier"], limit=2500)
 
@@ -93,30 +90,22 @@ def _hwc(a):
     return np.asarray(a, dtype=np.int64).transpose(1, 2, 0).reshape(-1)
 
 
-def interpret_layer(layer, desc, codes, x_hwc):
-    """Run ``reference_ops(desc)`` on the flat HWC input: the flat HWC accumulators it produces."""
-    per = desc["codes_per_word"]
-    window = np.zeros(desc["fan_in"], dtype=np.int64)
-    accs = []
-    acc = 0
+def interpret_layer(layer, desc, stream, x_hwc, word_codes):
+    """Run ``reference_ops(desc)`` on the flat HWC input the way the engine routes it (lane ``l``
+    takes code ``l`` of the word and lane group ``l >> lane_group_log2``'s element, groups
+    ``2**(group_stride_log2 - in_slot_log2)`` elements apart): the flat HWC accumulators."""
     elems = 1 << desc["in_elems_log2"]
-    stream = (np.ones(desc["out_channels"] * desc["fan_in"], dtype=np.int64)
-              if layer.kind is LayerKind.POOL else np.asarray(codes, dtype=np.int64).reshape(-1))
+    group_step = 1 << max(desc["group_stride_log2"] - desc["in_slot_log2"], 0)
+    accs = []
+    acc = np.zeros(word_codes, dtype=np.int64)
     for op in reference_ops(desc):
-        if op["kind"] is OpKind.LOAD:
-            window[op["win"]] = 0 if op["zero"] else x_hwc[op["act_addr"] * elems
-                                                           + op["act_slot"]]
-            continue
-        if op["first"]:
-            acc = 0
-        if op["digit"] == 0:       # the interpreter takes whole activations at digit 0
-            base = (op["weight_addr"] - desc["weight_base"]) * per
-            for lane in range(per):
-                f = op["offset"] + lane
-                if 0 <= f < desc["fan_in"]:
-                    acc += int(stream[base + lane]) * int(window[f])
+        base = (op["weight_addr"] - desc["weight_base"]) * word_codes
+        element = op["act_addr"] * elems + op["act_slot"]
+        for lane in range(op["lanes"]):
+            a = 0 if op["zero"] else x_hwc[element + (lane >> desc["lane_group_log2"]) * group_step]
+            acc[lane] = (0 if op["first"] else acc[lane]) + int(stream[base + lane]) * int(a)
         if op["last"]:
-            accs.append(acc)
+            accs.extend(int(v) for v in acc[:op["lanes"]])
     return np.array(accs, dtype=np.int64)
 
 
@@ -134,9 +123,15 @@ def test_loop_nest_computes_the_reference(seed):
     for layer, desc in zip(spec.layers(), rows):
         if layer.name.endswith(".pw1"):
             block_input[layer.name] = _hwc(x)
-        codes = net.layers[layer.name].codes if layer.has_weights else None
+        if layer.has_weights:
+            stream = weight_stream(net.layers[layer.name].codes, layer, spec.hardware)
+            word_codes = contract.codes_per_word(layer.weight_bits,
+                                                 spec.hardware.weight_word_bits)
+        else:
+            word_codes = spec.hardware.weight_word_bits      # all-ones 1-bit words
+            stream = np.ones(len(reference_ops(desc)) * word_codes, dtype=np.int64)
         x_hwc = _hwc(x if x.ndim == 3 else np.asarray(x).reshape(-1, 1, 1))
-        acc = interpret_layer(layer, desc, codes, x_hwc)
+        acc = interpret_layer(layer, desc, stream, x_hwc, word_codes)
         channel = np.tile(np.arange(layer.out_channels), layer.out_height * layer.out_width)
         if layer.kind is LayerKind.POOL:
             y = acc

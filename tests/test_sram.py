@@ -10,7 +10,7 @@ from amaranth.hdl import Fragment
 from amaranth.sim import Simulator
 
 from nqe.model import contract
-from nqe.model.memory_map import build_memory_map, weights_from_stream
+from nqe.model.memory_map import build_memory_map, weight_stream_length, weights_from_stream
 from nqe.model.random_spec import random_integer_network, random_spec
 from nqe.model.spec import load_spec
 from nqe.model.weights_io import WeightsError, write_weights
@@ -52,7 +52,7 @@ def test_weight_image_is_the_exported_bytes(tmp_path, spec_seed):
             f"spec seed {spec_seed}, layer {name!r}: SRAM words are not the file's bytes"
         layer = spec.layer(name)
         codes = contract.unpack_codes(bytes_from_words(words, word_bits), layer.weight_bits,
-                                      word_bits, layer.weight_count)
+                                      word_bits, weight_stream_length(layer, spec.hardware))
         assert np.array_equal(weights_from_stream(codes, layer, spec.hardware),
                               net.layers[name].codes), f"spec seed {spec_seed}, layer {name!r}"
 

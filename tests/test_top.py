@@ -12,7 +12,6 @@ from nqe.model.random_spec import random_integer_network, random_spec
 from nqe.rtl import host as host_module
 from nqe.rtl.engine import Engine
 from nqe.rtl.host import HostProtocol
-from nqe.rtl.scheduler import reference_ops
 from nqe.rtl.top import Accelerator, Opcode, Status
 from test_engine import tiny_spec
 
@@ -109,7 +108,7 @@ def test_end_to_end_matches_reference(case):
     rows = host.memory_map.descriptors(spec)
     ideal = 0.0
     for layer, row in zip(spec.layers(), rows):
-        assert counters["layers"][layer.name] == len(reference_ops(row)) + Engine.LAYER_GAP
+        assert counters["layers"][layer.name] == Engine.layer_cycles(row)
         if layer.has_weights:
             ideal += layer.macs / (spec.hardware.weight_word_bits // layer.weight_bits)
     assert counters["total"] == sum(counters["layers"].values())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from nqe.model import contract
-from nqe.model.memory_map import weight_stream
+from nqe.model.memory_map import layer_tiling, weight_stream, weights_from_stream
 from nqe.model.random_spec import random_integer_network, random_spec
 from nqe.model.spec import Residual
 from nqe.model.weights_io import WeightsError, load_weights, write_weights
@@ -112,6 +112,59 @@ def test_illegal_code(folder):
     with pytest.raises(WeightsError, match=rf"layer '{layer.name}'.*illegal "
                                            rf"{layer.weight_bits}-bit weight"):
         load_weights(path)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_weight_stream_is_one_code_per_lane_and_inverts(seed):
+    """The stream walks (group tile, channel tile, fan-in term) with code l of a word = lane l's
+    weight, written out here as a plain loop nest; weights_from_stream inverts it."""
+    spec = random_spec(seed)
+    net = random_integer_network(spec, seed)
+    for layer in spec.layers():
+        if not layer.has_weights:
+            continue
+        t = layer_tiling(layer, spec.hardware)
+        codes = net.layers[layer.name].codes
+        og = layer.out_channels // layer.groups
+        expected = []
+        for gt in range(t.group_tiles):
+            for ct in range(t.channel_tiles):
+                for f in range(t.fan_in):
+                    for lane in range(t.codes_per_word):
+                        g = gt * t.tile_groups + lane // t.group_lanes
+                        oc = ct * t.group_lanes + lane % t.group_lanes
+                        inside = lane < t.lanes and oc < og
+                        expected.append(int(codes[g * og + oc].reshape(-1)[f]) if inside
+                                        else (-1 if layer.weight_bits == 1 else 0))
+        stream = weight_stream(codes, layer, spec.hardware)
+        where = f"spec seed {seed}, layer {layer.name!r}"
+        assert stream.tolist() == expected, where
+        assert np.array_equal(weights_from_stream(stream, layer, spec.hardware), codes), where
+
+
+def test_nonzero_padding_code_is_rejected(tmp_path):
+    """A padding lane (an output channel no tile has) holding a real code is an error naming
+    the file, the layer and the position, never silently dropped."""
+    for seed in range(200):
+        spec = random_spec(seed)
+        layer = next((layer for layer in spec.layers() if layer.has_weights
+                      and layer.weight_bits > 1
+                      and len(weight_stream(np.zeros(layer.weight_shape, int), layer,
+                                            spec.hardware)) > layer.weight_count), None)
+        if layer is not None:
+            break
+    net = random_integer_network(spec, seed)
+    write_weights(net, tmp_path / "w")
+    stream = weight_stream(net.layers[layer.name].codes, layer, spec.hardware)
+    position = int(np.flatnonzero(
+        weight_stream(np.ones(layer.weight_shape, int), layer, spec.hardware) == 0)[0])
+    stream[position] = 1
+    manifest = _manifest(tmp_path / "w")
+    data = contract.pack_codes(stream, layer.weight_bits, spec.hardware.weight_word_bits)
+    _rewrite(tmp_path / "w", manifest, layer.name, "weights", data)
+    with pytest.raises(WeightsError, match=rf"layer '{layer.name}' \({layer.name}.weights.bin\)"
+                                           rf".*position {position} is padding"):
+        load_weights(tmp_path / "w")
 
 
 def test_wrong_packed_length(folder):
