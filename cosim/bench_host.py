@@ -21,7 +21,7 @@ command's status, the sticky error READ_STATUS returns and clears, which memorie
 RUN consumes the image, a reset forgets everything). Results: the integer reference
 (:func:`nqe.model.integer_reference.run_reference`) of the network and image last loaded;
 counters: the scheduler's loop nest (``Engine.layer_cycles`` a layer,
-one MAC-busy cycle per MAC op). Checker: every reply byte for byte (status, data, length), no byte
+one MAC-busy cycle per scheduler op). Checker: every reply byte for byte (status, data, length), no byte
 more; every command must be answered within a bound (a hang fails, naming the command).
 READ_RESULT's data is not checked after a LOAD_IMAGE that wrote over the final map (bank A):
 the protocol (rtl/top.py) keeps a result only until the next LOAD_IMAGE.
