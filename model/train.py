@@ -39,6 +39,9 @@ class TrainConfig:
     bn_epochs: int = 0              # the first epochs train with float BatchNorm, then folded
     init_from: str = ""             # start from this checkpoint's model (a fine-tuning run)
     quantizer: str = "heq"          # weight step: "heq" or "minmax" (ablation baseline)
+    teacher: str = ""               # a float teacher's checkpoint (`nqe teacher`): distillation
+    distill_weight: float = 0.9     # loss = (1 - w) * cross-entropy + w * soft-target term
+    distill_temperature: float = 4.0
     device: str = "auto"            # "auto": CUDA when available, else CPU; not kept on resume
     val_size: int = 5000
     seed: int = 0
@@ -116,7 +119,31 @@ def load_checkpoint(path):
     return model, checkpoint
 
 
+def _load_matching_teacher(config, device, log):
+    """The run's teacher, checked to have held out the same validation images as the student
+    (a teacher that trained on them would leak them into model selection)."""
+    from .teacher import load_teacher
+
+    if not 0.0 <= config.distill_weight <= 1.0:
+        raise TrainError(f"--distill-weight must be in [0, 1], got {config.distill_weight}")
+    if config.distill_temperature <= 0:
+        raise TrainError(f"--distill-temperature must be positive, got "
+                         f"{config.distill_temperature}")
+    teacher, checkpoint = load_teacher(config.teacher)
+    split = {key: checkpoint["config"][key] for key in ("seed", "val_size")}
+    if split != {"seed": config.seed, "val_size": config.val_size}:
+        raise TrainError(f"--teacher {config.teacher}: trained with validation split {split}, "
+                         f"the student uses seed {config.seed}, val_size {config.val_size}; "
+                         f"train the teacher with the same --seed and --val-size")
+    log(f"teacher: {config.teacher} (ResNet-{checkpoint['config']['depth']}, width "
+        f"{checkpoint['config']['width']}, validation {checkpoint['val_acc']:.4f}); distillation "
+        f"weight {config.distill_weight}, temperature {config.distill_temperature}")
+    return teacher.to(device=device, memory_format=torch.channels_last)
+
+
 def train(config, out_dir, resume=False, progress=True, log=print):
+    from .teacher import distillation_loss   # teacher.py builds on this module
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if config.threads:
@@ -153,6 +180,7 @@ def train(config, out_dir, resume=False, progress=True, log=print):
         if source.get("spec") != config.spec_json:
             raise TrainError(f"--init-from {config.init_from}: its spec differs from the run's "
                              f"spec {spec.name!r}; fine-tuning needs the same network")
+    teacher = _load_matching_teacher(config, device, log) if config.teacher else None
     torch.manual_seed(config.seed)
     batch_norm = config.bn_epochs > 0 or (source is not None and _has_norm(source["model"]))
     model = NQENet(spec, batch_norm=batch_norm, quantizer=config.quantizer).to(
@@ -208,7 +236,14 @@ def train(config, out_dir, resume=False, progress=True, log=print):
             labels = train_labels[idx.to(device)]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                 logits = model(images)
-            loss = F.cross_entropy(model.scaled_logits(logits.float()), labels)
+            scaled = model.scaled_logits(logits.float())
+            loss = F.cross_entropy(scaled, labels)
+            if teacher is not None:
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                     enabled=config.bf16):
+                    soft_targets = teacher(images).float()
+                loss = (1.0 - config.distill_weight) * loss + config.distill_weight * \
+                    distillation_loss(scaled, soft_targets, config.distill_temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

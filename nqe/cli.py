@@ -1,4 +1,4 @@
-"""The ``nqe`` command line: train, export, eval, budget, bench, verilog, cosim.
+"""The ``nqe`` command line: train, teacher, export, eval, budget, bench, verilog, cosim.
 
 Exit codes: 0 success; 1 a check failed (budget exceeded, mismatches found); 2 bad input (spec,
 weights, data), with one message naming the file, layer and field.
@@ -70,7 +70,9 @@ def cmd_train(args):
                          seed=args.seed, bf16=args.bf16, threads=args.threads, data=args.data,
                          limit_train=args.limit_train, bn_epochs=args.bn_epochs,
                          device=args.device, quantizer=args.quantizer,
-                         init_from=args.init_from or "")
+                         init_from=args.init_from or "", teacher=args.teacher or "",
+                         distill_weight=args.distill_weight,
+                         distill_temperature=args.distill_temperature)
     out = Path(args.out or f"runs/{Path(args.spec).stem}")
     started = time.time()
     try:
@@ -85,6 +87,30 @@ def cmd_train(args):
     return 0
 
 
+def cmd_teacher(args):
+    from nqe.model.teacher import TeacherConfig, train_teacher
+    from nqe.model.train import TrainError
+
+    config = TeacherConfig(depth=args.depth, width=args.width, epochs=args.epochs,
+                           batch_size=args.batch_size, lr=args.lr, device=args.device,
+                           val_size=args.val_size, seed=args.seed, bf16=args.bf16,
+                           threads=args.threads, data=args.data, limit_train=args.limit_train)
+    out = Path(args.out)
+    started = time.time()
+    try:
+        _, history = train_teacher(config, out, resume=args.resume,
+                                   progress=not args.no_progress)
+    except TrainError as error:
+        print(f"nqe teacher: error: {error}", file=sys.stderr)
+        return 2
+    best = max(history, key=lambda r: r["val_acc"]) if history else None
+    if best:
+        print(f"best teacher validation accuracy {best['val_acc']:.4f} at epoch "
+              f"{best['epoch']}; checkpoint {out / 'best.pt'} "
+              f"({time.time() - started:.0f} s this call)")
+    return 0
+
+
 def _train_command(config):
     """The `nqe train` call that reproduces a run from its saved configuration."""
     if not config:
@@ -93,6 +119,9 @@ def _train_command(config):
              "freeze_epochs": "--freeze-epochs", "bn_epochs": "--bn-epochs",
              "quantizer": "--quantizer", "init_from": "--init-from",
              "val_size": "--val-size", "seed": "--seed"}
+    if config.get("teacher"):
+        flags |= {"teacher": "--teacher", "distill_weight": "--distill-weight",
+                  "distill_temperature": "--distill-temperature"}
     parts = ["nqe", "train"] + [f"{flag} {config[key]}" for key, flag in flags.items()
                                 if config.get(key) not in (None, "")]
     if config.get("bf16"):
@@ -343,11 +372,41 @@ def build_parser():
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for training steps")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     p.add_argument("--limit-train", type=int, default=0, help="use only N training images")
+    p.add_argument("--teacher", metavar="CHECKPOINT",
+                   help="distill from this float teacher (best.pt of an `nqe teacher` run with "
+                        "the same --seed and --val-size)")
+    p.add_argument("--distill-weight", type=float, default=0.9,
+                   help="loss = (1 - w) * cross-entropy + w * soft-target KL (with --teacher)")
+    p.add_argument("--distill-temperature", type=float, default=4.0,
+                   help="softmax temperature of the soft targets (with --teacher)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from last.pt with its saved configuration")
     data_option(p)
     progress_option(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("teacher", help="train a float ResNet teacher for distillation "
+                                       "(resumable checkpoints)")
+    p.add_argument("--out", metavar="DIR", default="runs/teacher",
+                   help="run folder (default runs/teacher)")
+    p.add_argument("--depth", type=int, default=20, help="ResNet depth, 6n+2 (20, 32, 44, ...)")
+    p.add_argument("--width", type=int, default=16, help="channels of the first stage")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=0.2, help="SGD peak learning rate (one-cycle)")
+    p.add_argument("--device", default="auto",
+                   help="torch device: auto (CUDA when available), cpu, cuda")
+    p.add_argument("--val-size", type=int, default=5000,
+                   help="validation images held out of train (the student's split)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for training steps")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--limit-train", type=int, default=0, help="use only N training images")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from last.pt with its saved configuration")
+    data_option(p)
+    progress_option(p)
+    p.set_defaults(func=cmd_teacher)
 
     p = sub.add_parser("curve", help="plot a run's training curve (PNG; needs matplotlib)")
     source = p.add_mutually_exclusive_group(required=True)

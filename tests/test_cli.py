@@ -24,7 +24,7 @@ def random_weights(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("command", ["budget", "train", "export", "eval", "bench"])
+@pytest.mark.parametrize("command", ["budget", "train", "teacher", "export", "eval", "bench"])
 def test_help(command):
     result = nqe(command, "--help")
     assert result.returncode == 0 and "usage: nqe" in result.stdout

@@ -20,23 +20,6 @@ TINY = NetworkSpec(
     head=HeadSpec(num_classes=10, weight_bits=3))
 
 
-@pytest.fixture(scope="module")
-def synthetic_data(tmp_path_factory):
-    """Synthetic CIFAR-shaped data: for unit tests only, never for a reported accuracy."""
-    root = tmp_path_factory.mktemp("data") / "cifar10"
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(5):
-        y = rng.integers(0, 10, 40).astype(np.uint8)
-        # class-dependent brightness so that there is something to learn
-        x = (rng.integers(0, 64, (40, 32, 32, 3)) + y[:, None, None, None] * 19).astype(np.uint8)
-        np.savez_compressed(root / f"train-{i}of5.npz", x=x, y=y)
-    y = rng.integers(0, 10, 30).astype(np.uint8)
-    x = (rng.integers(0, 64, (30, 32, 32, 3)) + y[:, None, None, None] * 19).astype(np.uint8)
-    np.savez_compressed(root / "test.npz", x=x, y=y)
-    return root
-
-
 def _config(tmp_path, data, epochs, bn_epochs=0):
     spec_path = tmp_path / "tiny.json"
     spec_path.write_text(TINY.to_json())
