@@ -44,7 +44,7 @@ class NQENet(nn.Module):
     def conv(self, name):
         return self.convs[_key(name)]
 
-    def forward(self, images, return_activations=False, calibrate=False):
+    def forward(self, images, return_activations=False, calibrate=False, until=None):
         # Integer images of any dtype become float; every value stays an exact integer.
         x = images if images.is_floating_point() else images.float()
         activations = {}
@@ -60,6 +60,8 @@ class NQENet(nn.Module):
                 x = self.conv(layer.name)(x, skip=skip, calibrate=calibrate)
             if return_activations:
                 activations[layer.name] = x
+            if layer.name == until:
+                break
         return (x, activations) if return_activations else x
 
     @torch.no_grad()
@@ -83,21 +85,60 @@ class NQENet(nn.Module):
         return any(conv.in_norm_phase for conv in self.convs.values())
 
     @torch.no_grad()
-    def fold_batch_norm(self):
+    def fold_batch_norm(self, images=None, batch_size=256):
         """End of the BatchNorm phase: per-channel BN factors into the weights, offsets into the
-        biases, and one BSN shift per shift group (the rounded mean of its layers' -log2 gains),
-        frozen. Afterwards the training forward is the BSN one."""
-        gains, set_biases = {}, []
-        for conv in self.convs.values():
-            if conv.in_norm_phase:
-                gain, set_bias = conv.fold_norm()
-                gains.setdefault(conv.shift_group, []).append(gain)
-                set_biases.append(set_bias)
-        for group, values in gains.items():
-            group.observe(-sum(math.log2(g) for g in values) / len(values), reset=True)
-            group.freeze()
-        for set_bias in set_biases:
+        biases, and one BSN shift per shift group, frozen. Afterwards the training forward is the
+        BSN one.
+
+        Without ``images`` every layer folds at once from the statistics the BatchNorm phase
+        gathered, and a group's shift is the rounded mean of its layers' -log2 gains. With
+        ``images`` (training images, NCHW) the layers fold one after the other in network order:
+        before a layer folds, its BatchNorm statistics are measured again on those images through
+        the layers already folded, so its gain and bias account for what the fold upstream did
+        (each rounded shift scales a layer's output by up to 2**0.5, and the ternary re-quantization
+        moves it too). A group's shift is then fixed when its first layer folds, from the mean
+        gain of all its layers at that point.
+        """
+        if images is None:
+            gains, set_biases = {}, []
+            for conv in self.convs.values():
+                if conv.in_norm_phase:
+                    gain, set_bias = conv.fold_norm()
+                    gains.setdefault(conv.shift_group, []).append(gain)
+                    set_biases.append(set_bias)
+            for group, values in gains.items():
+                group.observe(-sum(math.log2(g) for g in values) / len(values), reset=True)
+                group.freeze()
+            for set_bias in set_biases:
+                set_bias()
+            return
+        was_training = self.training
+        for layer in self.spec.layers():
+            conv = self.convs[_key(layer.name)] if _key(layer.name) in self.convs else None
+            if conv is None or not conv.in_norm_phase:
+                continue
+            self._measure_norm(conv, layer.name, images, batch_size)
+            group = conv.shift_group
+            if not group.frozen:
+                members = [c for c in self.convs.values()
+                           if c.shift_group is group and c.in_norm_phase]
+                gains = [c.fold_gain() for c in members]
+                group.observe(-sum(math.log2(g) for g in gains) / len(gains), reset=True)
+                group.freeze()
+            _, set_bias = conv.fold_norm()
             set_bias()
+        self.train(was_training)
+
+    def _measure_norm(self, conv, name, images, batch_size):
+        """Replace ``conv``'s BatchNorm running statistics by their average over ``images``
+        (training-mode forward up to that layer; nothing learns)."""
+        norm, momentum = conv.norm, conv.norm.momentum
+        norm.reset_running_stats()
+        norm.momentum = None                  # cumulative average over the batches
+        self.train()
+        for start in range(0, len(images), batch_size):
+            self(images[start:start + batch_size].float(), until=name)
+        norm.momentum = momentum
 
     @property
     def shifts_frozen(self):

@@ -232,6 +232,19 @@ class QuantConv(nn.Module):
         """Whether the forward still uses the float BatchNorm (not yet folded into BSN)."""
         return self.norm is not None and not bool(self.norm_folded)
 
+    def _norm_factor(self):
+        norm = self.norm
+        a = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        return a, a.abs().max().clamp_min(1e-12)
+
+    @torch.no_grad()
+    def fold_gain(self):
+        """The gain ``fold_norm`` would leave with the current statistics, without folding."""
+        a, scale = self._norm_factor()
+        scaled = self.weight * (a / scale).view(-1, *([1] * (self.weight.dim() - 1)))
+        return float(scale * self.step_method(scaled, self.bits) /
+                     self.step_method(self.weight, self.bits))
+
     @torch.no_grad()
     def fold_norm(self):
         """Fold the BatchNorm's per-channel factor into the real weights; returns the layer's
@@ -244,8 +257,7 @@ class QuantConv(nn.Module):
         the BatchNorm's pre-activation mean.
         """
         norm = self.norm
-        a = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-        scale = a.abs().max().clamp_min(1e-12)
+        a, scale = self._norm_factor()
         step = self.step_method(self.weight, self.bits)
         self.weight.mul_((a / scale).view(-1, *([1] * (self.weight.dim() - 1))))
         self.step.copy_(self.step_method(self.weight, self.bits))

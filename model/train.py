@@ -24,6 +24,9 @@ from .spec import load_spec, spec_from_dict
 __all__ = ["TrainError", "TrainConfig", "train", "load_checkpoint", "evaluate_model", "augment"]
 
 
+FOLDS = ("at-once", "sequential")
+
+
 class TrainError(ValueError):
     """A training run cannot start as configured; the message names the option and the file."""
 
@@ -37,6 +40,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     freeze_epochs: int = 2          # the last epochs train with BSN shifts frozen
     bn_epochs: int = 0              # the first epochs train with float BatchNorm, then folded
+    fold: str = "at-once"           # "at-once" or "sequential" (NQENet.fold_batch_norm)
+    fold_images: int = 2048         # training images the sequential fold measures statistics on
     init_from: str = ""             # start from this checkpoint's model (a fine-tuning run)
     quantizer: str = "heq"          # weight step: "heq" or "minmax" (ablation baseline)
     teacher: str = ""               # a float teacher's checkpoint (`nqe teacher`): distillation
@@ -181,6 +186,13 @@ def train(config, out_dir, resume=False, progress=True, log=print):
             raise TrainError(f"--init-from {config.init_from}: its spec differs from the run's "
                              f"spec {spec.name!r}; fine-tuning needs the same network")
     teacher = _load_matching_teacher(config, device, log) if config.teacher else None
+    if config.fold not in FOLDS:
+        raise TrainError(f"--fold must be one of {', '.join(FOLDS)}, got {config.fold!r}")
+
+    def fold(net):
+        net.fold_batch_norm(train_images[:config.fold_images] if config.fold == "sequential"
+                            else None, batch_size=config.batch_size)
+
     torch.manual_seed(config.seed)
     batch_norm = config.bn_epochs > 0 or (source is not None and _has_norm(source["model"]))
     model = NQENet(spec, batch_norm=batch_norm, quantizer=config.quantizer).to(
@@ -215,7 +227,7 @@ def train(config, out_dir, resume=False, progress=True, log=print):
 
     for epoch in range(start_epoch, config.epochs):
         if epoch >= config.bn_epochs and model.has_unfolded_norm:
-            model.fold_batch_norm()
+            fold(model)
             log(f"epoch {epoch + 1}: BatchNorm folded into BSN; shifts frozen "
                 f"{ {k: g.shift for k, g in model.shift_groups.items()} }")
         if epoch >= config.epochs - config.freeze_epochs and not model.shifts_frozen \
@@ -263,7 +275,7 @@ def train(config, out_dir, resume=False, progress=True, log=print):
             val_acc_bn, _ = evaluate_model(model, vx, vy, desc="validation (BN)",
                                            progress=progress)
             scored = copy.deepcopy(model)
-            scored.fold_batch_norm()
+            fold(scored)
         val_acc, _ = evaluate_model(scored, vx, vy, desc="validation", progress=progress)
         record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                   "val_acc": val_acc, "val_acc_batchnorm": val_acc_bn,

@@ -72,7 +72,8 @@ def cmd_train(args):
                          device=args.device, quantizer=args.quantizer,
                          init_from=args.init_from or "", teacher=args.teacher or "",
                          distill_weight=args.distill_weight,
-                         distill_temperature=args.distill_temperature)
+                         distill_temperature=args.distill_temperature, fold=args.fold,
+                         fold_images=args.fold_images)
     out = Path(args.out or f"runs/{Path(args.spec).stem}")
     started = time.time()
     try:
@@ -119,6 +120,8 @@ def _train_command(config):
              "freeze_epochs": "--freeze-epochs", "bn_epochs": "--bn-epochs",
              "quantizer": "--quantizer", "init_from": "--init-from",
              "val_size": "--val-size", "seed": "--seed"}
+    if config.get("fold", "at-once") != "at-once":
+        flags |= {"fold": "--fold", "fold_images": "--fold-images"}
     if config.get("teacher"):
         flags |= {"teacher": "--teacher", "distill_weight": "--distill-weight",
                   "distill_temperature": "--distill-temperature"}
@@ -360,6 +363,12 @@ def build_parser():
     p.add_argument("--bn-epochs", type=int, default=0,
                    help="train the first N epochs with float BatchNorm, then fold it into BSN "
                         "(bias + frozen shift) for the remaining epochs")
+    p.add_argument("--fold", choices=("at-once", "sequential"), default="at-once",
+                   help="how the BatchNorm phase ends: every layer at once from its running "
+                        "statistics, or layer by layer with statistics measured again through "
+                        "the layers already folded")
+    p.add_argument("--fold-images", type=int, default=2048,
+                   help="training images the sequential fold measures statistics on")
     p.add_argument("--init-from", metavar="CHECKPOINT",
                    help="start from a trained run's best.pt/last.pt (same spec): fine-tuning")
     p.add_argument("--quantizer", choices=("heq", "minmax"), default="heq",

@@ -102,10 +102,8 @@ def test_trained_style_model_exports_to_identical_integer_logits(seed):
     assert (fake.numpy() == ref).all(), f"seed {seed}"
 
 
-@pytest.mark.parametrize("seed", _random_specs_covering_every_feature())
-def test_folded_batchnorm_model_exports_to_identical_integer_logits(seed):
-    """After a BatchNorm phase, fold_batch_norm gives a BSN model: shifts frozen, no BatchNorm
-    left in the forward, and its exported integer net computes exactly its eval forward."""
+def _batchnorm_phase_model(seed):
+    """A random spec's model with BatchNorm statistics as a BatchNorm phase would leave them."""
     spec = random_spec(seed)
     torch.manual_seed(seed)
     model = NQENet(spec, batch_norm=True)
@@ -115,15 +113,57 @@ def test_folded_batchnorm_model_exports_to_identical_integer_logits(seed):
     model.calibrate(batch)
     model.train()
     with torch.no_grad():
-        for _ in range(3):                      # BatchNorm running statistics, as training would
+        for _ in range(3):
             model(batch)
+    return model, images, batch
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_sequential_fold_measures_each_layer_through_the_folded_layers(seed, monkeypatch):
+    """Before a layer folds, its BatchNorm statistics are those of its accumulator on the given
+    images with every earlier layer already in its integer (BSN) form."""
+    from nqe.model.quant import QuantConv
+    model, _, batch = _batchnorm_phase_model(seed)
+    layers = list(model.spec.layers())
+    checked, original = [], QuantConv.fold_norm
+
+    def checking_fold_norm(conv):
+        index = next(i for i, layer in enumerate(layers) if layer is conv.layer)
+        with torch.no_grad():
+            _, acts = model.eval()(batch, return_activations=True)
+            upstream = acts[layers[index - 1].name] if index else batch.float()
+            assert not any(model.conv(layer.name).in_norm_phase
+                           for layer in layers[:index] if layer.has_bsn)
+            acc = conv.accumulate(upstream)
+        assert torch.allclose(conv.norm.running_mean, acc.mean(dim=(0, 2, 3)),
+                              rtol=1e-5, atol=1e-4), conv.layer.name
+        assert torch.allclose(conv.norm.running_var, acc.var(dim=(0, 2, 3)),
+                              rtol=1e-4, atol=1e-4), conv.layer.name
+        checked.append(conv.layer.name)
+        return original(conv)
+
+    monkeypatch.setattr(QuantConv, "fold_norm", checking_fold_norm)
+    model.fold_batch_norm(batch, batch_size=len(batch))
+    assert checked == [layer.name for layer in layers if layer.has_bsn], f"seed {seed}"
+    assert model.shifts_frozen and not model.has_unfolded_norm
+
+
+@pytest.mark.parametrize("fold", ["at-once", "sequential"])
+@pytest.mark.parametrize("seed", _random_specs_covering_every_feature())
+def test_folded_batchnorm_model_exports_to_identical_integer_logits(seed, fold):
+    """After a BatchNorm phase, fold_batch_norm gives a BSN model: shifts frozen, no BatchNorm
+    left in the forward, and its exported integer net computes exactly its eval forward."""
+    model, images, batch = _batchnorm_phase_model(seed)
     assert model.has_unfolded_norm
-    model.fold_batch_norm()
+    model.fold_batch_norm(batch if fold == "sequential" else None, batch_size=16)
     assert not model.has_unfolded_norm and model.shifts_frozen
     model.train()
     with torch.no_grad():
         model(batch)                            # a BSN training step leaves the statistics alone
-    assert all(conv.norm is None or conv.norm.num_batches_tracked == 4
+    # At once: the phase's 3 batches plus the calibration one; sequential: measured again on
+    # the two halves of the batch.
+    assert all(conv.norm is None or conv.norm.num_batches_tracked == (4 if fold == "at-once"
+                                                                        else 2)
                for conv in model.convs.values())
     net = integer_network_from_model(model)
     with torch.no_grad():

@@ -20,23 +20,25 @@ TINY = NetworkSpec(
     head=HeadSpec(num_classes=10, weight_bits=3))
 
 
-def _config(tmp_path, data, epochs, bn_epochs=0):
+def _config(tmp_path, data, epochs, bn_epochs=0, fold="at-once"):
     spec_path = tmp_path / "tiny.json"
     spec_path.write_text(TINY.to_json())
     return TrainConfig(spec=str(spec_path), epochs=epochs, batch_size=32, val_size=50,
-                       freeze_epochs=1, data=str(data), threads=1, bn_epochs=bn_epochs)
+                       freeze_epochs=1, data=str(data), threads=1, bn_epochs=bn_epochs,
+                       fold=fold, fold_images=64)
 
 
-@pytest.mark.parametrize("bn_epochs", [0, 2], ids=["bsn-only", "batchnorm-then-fold"])
-def test_resumed_run_equals_uninterrupted_run(tmp_path, synthetic_data, bn_epochs):
+@pytest.mark.parametrize("bn_epochs, fold", [(0, "at-once"), (2, "at-once"), (2, "sequential")],
+                         ids=["bsn-only", "batchnorm-then-fold", "batchnorm-then-sequential-fold"])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, synthetic_data, bn_epochs, fold):
     """Stopped after epoch 2 and resumed: with a BatchNorm phase the fold happens after the
     resume (epoch 3) and must still give the same model bit for bit."""
-    straight, _ = train(_config(tmp_path, synthetic_data, 3, bn_epochs), tmp_path / "straight",
-                        progress=False, log=lambda *_: None)
+    straight, _ = train(_config(tmp_path, synthetic_data, 3, bn_epochs, fold),
+                        tmp_path / "straight", progress=False, log=lambda *_: None)
     partial = tmp_path / "partial"
-    _train_until(_config(tmp_path, synthetic_data, 3, bn_epochs), partial, stop_after=2)
+    _train_until(_config(tmp_path, synthetic_data, 3, bn_epochs, fold), partial, stop_after=2)
     assert json.loads((partial / "history.json").read_text())[-1]["epoch"] == 2
-    resumed, history = train(_config(tmp_path, synthetic_data, 3, bn_epochs), partial,
+    resumed, history = train(_config(tmp_path, synthetic_data, 3, bn_epochs, fold), partial,
                              resume=True, progress=False, log=lambda *_: None)
     assert [r["epoch"] for r in history] == [1, 2, 3]
     assert [r["phase"] for r in history] == ["batchnorm"] * bn_epochs + ["bsn"] * (3 - bn_epochs)
@@ -112,6 +114,12 @@ def test_fine_tuning_starts_from_the_checkpoint(tmp_path, synthetic_data):
     other.spec, other.init_from = "nqe-1mb", str(first / "best.pt")
     with pytest.raises(TrainError, match="init-from .*best.pt"):
         train(other, tmp_path / "other", progress=False, log=lambda *_: None)
+
+
+def test_unknown_fold_is_a_clear_error(tmp_path, synthetic_data):
+    with pytest.raises(TrainError, match="--fold must be one of at-once, sequential, got 'gentle'"):
+        train(_config(tmp_path, synthetic_data, 1, 1, fold="gentle"), tmp_path / "run",
+              progress=False, log=lambda *_: None)
 
 
 def test_unavailable_device_is_a_clear_error():
