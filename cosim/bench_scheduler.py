@@ -267,6 +267,13 @@ def check_layer_runs(runs, transfers, window):
         f"(while idle, or after the reset before the next start)")
 
 
+#: Longest reset the bench asserts, in cycles.
+MAX_RESET_CYCLES = 4
+#: Fewest ops of the layer a reset cuts: at most (waited + 1 + reset cycles + 1) ops are taken by
+#: the check right after the reset, so this leaves a reset-ignoring scheduler busy there.
+RESET_LAYER_MIN_OPS = MAX_RESET_CYCLES + 8
+
+
 #: The faults of :class:`BrokenScheduler`.
 MUTANTS = ("drops_op_after_long_stall", "ignores_reset")
 
@@ -336,7 +343,13 @@ async def _run_layers(dut, name, runs, rng, stalls):
     for task in (sink, taken, resets):
         task.start()
 
-    cut = rng.randrange(len(runs) // 3, 2 * len(runs) // 3 + 1) if len(runs) > 1 else 0
+    # The reset cuts a layer in the middle of the schedule that is long enough for a scheduler
+    # ignoring the reset to still be offering ops when the bench checks it is idle (a short
+    # layer would finish during the reset cycles, and that fault would go unseen).
+    long_enough = [index for index, run in enumerate(runs) if len(run.ops) >= RESET_LAYER_MIN_OPS]
+    assert long_enough, f"{name}: no layer of {RESET_LAYER_MIN_OPS}+ ops to reset in"
+    middle = [index for index in long_enough if len(runs) // 3 <= index <= 2 * len(runs) // 3]
+    cut = rng.choice(middle or long_enough)
     schedule = runs[:cut + 1] + [runs[cut].again()] + runs[cut + 1:]
     # Every profile in every test (shuffled over the layers): long stalls are never left out.
     profiles = [STALL_PROFILES[index % len(STALL_PROFILES)] if stalls else (0.0, 1)
@@ -369,9 +382,9 @@ async def _run_layers(dut, name, runs, rng, stalls):
                 # The reset, ready still stalling, early enough that ops are left after it: at
                 # most r + 1 are taken before it and one per reset cycle, so a scheduler that
                 # ignored it would still be offering ops.
-                await wait_cycles(dut.clk, rng.randint(0, max(0, len(run.ops) - 8)))
+                await wait_cycles(dut.clk, rng.randint(0, len(run.ops) - RESET_LAYER_MIN_OPS))
                 dut.rst.value = 1
-                await wait_cycles(dut.clk, rng.randint(1, 4))
+                await wait_cycles(dut.clk, rng.randint(1, MAX_RESET_CYCLES))
                 dut.rst.value = 0
                 await RisingEdge(dut.clk)
                 assert int(dut.done.value) == 1 and int(dut.ops__valid.value) == 0, (
