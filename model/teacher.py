@@ -10,7 +10,6 @@ history), ``best.pt`` (best validation accuracy, same train/validation split as 
 ``history.json``. The test set is never touched.
 """
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -22,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .data import load_cifar10, split_train_val
-from .train import TrainError, _cpu_state, _to_nchw, augment, evaluate_model, resolve_device
+from .train import (RunFolder, TrainError, _to_nchw, augment, evaluate_model, resolve_device,
+                    training_split)
 
 __all__ = ["ResNetTeacher", "TeacherConfig", "train_teacher", "load_teacher",
            "distillation_loss"]
@@ -130,23 +129,9 @@ def load_teacher(path):
 
 def train_teacher(config, out_dir, resume=False, progress=True, log=print):
     """Train a float teacher on the student's training split; returns (model, history)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    last = out_dir / "last.pt"
-    state = None
-    if resume and last.exists():
-        state = torch.load(last, map_location="cpu", weights_only=False)
-        config = TeacherConfig(**{**state["config"], "data": config.data,
-                                  "device": config.device})
-        log(f"resuming {last} with its saved configuration")
-
-    data = load_cifar10(config.data)
-    (tx, ty), (vx, vy) = split_train_val(data.train_x, data.train_y, config.val_size,
-                                         config.seed)
-    if config.limit_train:
-        tx, ty = tx[:config.limit_train], ty[:config.limit_train]
+    run = RunFolder(out_dir, config, resume, log)
+    config = run.config
+    data, (tx, ty), (vx, vy) = training_split(config)
     device = resolve_device(config.device)
     log(f"data: {data.root} ({data.layout}); train {len(tx)}, validation {len(vx)} "
         f"(seed {config.seed}); device: {device}")
@@ -165,14 +150,9 @@ def train_teacher(config, out_dir, resume=False, progress=True, log=print):
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=steps_per_epoch * config.epochs, pct_start=0.15)
     generator = torch.Generator().manual_seed(config.seed)
-    history, start_epoch, best_acc = [], 0, -1.0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        history, start_epoch, best_acc = state["history"], state["epoch"], state["best_acc"]
+    history, start_epoch = [], 0
+    if run.state is not None:
+        history, start_epoch = run.restore(model, optimizer, scheduler, generator)
 
     for epoch in range(start_epoch, config.epochs):
         model.train()
@@ -202,15 +182,7 @@ def train_teacher(config, out_dir, resume=False, progress=True, log=print):
         history.append(record)
         log(f"teacher epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.4f} train "
             f"{record['train_acc']:.4f} validation {val_acc:.4f} ({record['seconds']:.0f} s)")
-        payload = {"kind": "teacher", "config": asdict(config), "epoch": epoch + 1,
-                   "history": history, "val_acc": val_acc, "model": _cpu_state(model)}
-        if val_acc > best_acc:
-            best_acc = val_acc
-            torch.save(payload, out_dir / "best.pt")
-        torch.save({**payload, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state(), "best_acc": best_acc},
-                   out_dir / "last.tmp")
-        (out_dir / "last.tmp").replace(last)
-        (out_dir / "history.json").write_text(json.dumps(history, indent=2))
+        run.save_epoch({"kind": "teacher", "config": asdict(config), "epoch": epoch + 1,
+                        "history": history, "val_acc": val_acc},
+                       model, model, optimizer, scheduler, generator)
     return model, history

@@ -21,7 +21,8 @@ from .data import load_cifar10, split_train_val
 from .network import NQENet
 from .spec import load_spec, spec_from_dict
 
-__all__ = ["TrainError", "TrainConfig", "train", "load_checkpoint", "evaluate_model", "augment"]
+__all__ = ["TrainError", "TrainConfig", "train", "load_checkpoint", "evaluate_model", "augment",
+           "RunFolder", "training_split"]
 
 
 FOLDS = ("at-once", "sequential")
@@ -124,6 +125,66 @@ def load_checkpoint(path):
     return model, checkpoint
 
 
+class RunFolder:
+    """A run's folder: ``last.pt`` (everything needed to resume) after every epoch, ``best.pt``
+    on the best validation accuracy, ``history.json``. Shared by ``nqe train`` and ``nqe teacher``.
+
+    On ``resume`` with a ``last.pt`` present, :attr:`config` is the one the run was started with
+    (its schedule depends on it); only the data location and the device may differ between
+    machines.
+    """
+
+    def __init__(self, path, config, resume, log):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.last = self.path / "last.pt"
+        self.state, self.best_acc = None, -1.0
+        if resume and self.last.exists():
+            self.state = torch.load(self.last, map_location="cpu", weights_only=False)
+            config = type(config)(**{**self.state["config"], "data": config.data,
+                                     "device": config.device})
+            shown = {key: ("..." if key == "spec_json" else value)
+                     for key, value in asdict(config).items()}
+            log(f"resuming {self.last} with its saved configuration: {shown}")
+        self.config = config
+
+    def restore(self, model, optimizer, scheduler, generator):
+        """Load the resumed state into the run's objects; returns (history, start epoch)."""
+        state = self.state
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.best_acc = state["best_acc"]
+        return state["history"], state["epoch"]
+
+    def save_epoch(self, payload, best_model, model, optimizer, scheduler, generator):
+        """After an epoch: ``best.pt`` (with ``best_model``'s state) if ``payload['val_acc']`` is
+        the best yet, ``last.pt`` (written atomically) and ``history.json``."""
+        if payload["val_acc"] > self.best_acc:
+            self.best_acc = payload["val_acc"]
+            torch.save({**payload, "model": _cpu_state(best_model)}, self.path / "best.pt")
+        torch.save({**payload, "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(), "best_acc": self.best_acc},
+                   self.path / "last.tmp")
+        (self.path / "last.tmp").replace(self.last)
+        (self.path / "history.json").write_text(json.dumps(payload["history"], indent=2))
+
+
+def training_split(config):
+    """The run's data, training and validation images (seeded, stratified split of ``train``)."""
+    data = load_cifar10(config.data)
+    (tx, ty), (vx, vy) = split_train_val(data.train_x, data.train_y, config.val_size,
+                                         config.seed)
+    if config.limit_train:
+        tx, ty = tx[:config.limit_train], ty[:config.limit_train]
+    return data, (tx, ty), (vx, vy)
+
+
 def _load_matching_teacher(config, device, log):
     """The run's teacher, checked to have held out the same validation images as the student
     (a teacher that trained on them would leak them into model selection)."""
@@ -149,28 +210,13 @@ def _load_matching_teacher(config, device, log):
 def train(config, out_dir, resume=False, progress=True, log=print):
     from .teacher import distillation_loss   # teacher.py builds on this module
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    last = out_dir / "last.pt"
-    state = None
-    if resume and last.exists():
-        # A resumed run continues with the configuration it was started with (its schedule
-        # depends on it); only the data location may differ between machines.
-        state = torch.load(last, map_location="cpu", weights_only=False)
-        config = TrainConfig(**{**state["config"], "data": config.data,
-                                "device": config.device})
-        log(f"resuming {last} with its saved configuration: {asdict(config) | {'spec_json': '...'}}")
+    run = RunFolder(out_dir, config, resume, log)
+    config, last = run.config, run.last
     spec = load_spec(config.spec) if not config.spec_json else \
         spec_from_dict(config.spec_json, source=f"{last} (embedded spec)")
     config.spec_json = spec.to_dict()
 
-    data = load_cifar10(config.data)
-    (tx, ty), (vx, vy) = split_train_val(data.train_x, data.train_y, config.val_size,
-                                         config.seed)
-    if config.limit_train:
-        tx, ty = tx[:config.limit_train], ty[:config.limit_train]
+    data, (tx, ty), (vx, vy) = training_split(config)
     train_images = _to_nchw(tx)
     train_labels = torch.from_numpy(ty.astype(np.int64))
     log(f"data: {data.root} ({data.layout}); train {len(tx)}, validation {len(vx)} "
@@ -208,16 +254,11 @@ def train(config, out_dir, resume=False, progress=True, log=print):
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr,
                                                     total_steps=total_steps, pct_start=0.15)
     generator = torch.Generator().manual_seed(config.seed)
-    history, start_epoch, best_acc = [], 0, -1.0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        history, start_epoch, best_acc = state["history"], state["epoch"], state["best_acc"]
+    history, start_epoch = [], 0
+    if run.state is not None:
+        history, start_epoch = run.restore(model, optimizer, scheduler, generator)
         log(f"resumed from {last} at epoch {start_epoch}/{config.epochs} "
-            f"(best validation accuracy so far {best_acc:.4f})")
+            f"(best validation accuracy so far {run.best_acc:.4f})")
     elif source is not None:
         model.load_state_dict(source["model"])
         log(f"initialized from {config.init_from} (epoch {source.get('epoch')}, validation "
@@ -288,15 +329,7 @@ def train(config, out_dir, resume=False, progress=True, log=print):
             f"{record['train_acc']:.4f} validation {val_acc:.4f}"
             + (f" (float BatchNorm {val_acc_bn:.4f})" if val_acc_bn is not None else "")
             + f" ({record['seconds']:.0f} s)")
-        payload = {"spec": config.spec_json, "config": asdict(config), "epoch": epoch + 1,
-                   "history": history, "val_acc": val_acc}
-        if val_acc > best_acc:
-            best_acc = val_acc
-            torch.save({**payload, "model": _cpu_state(scored)}, out_dir / "best.pt")
-        torch.save({**payload, "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state(), "best_acc": best_acc},
-                   out_dir / "last.tmp")
-        (out_dir / "last.tmp").replace(last)
-        (out_dir / "history.json").write_text(json.dumps(history, indent=2))
+        run.save_epoch({"spec": config.spec_json, "config": asdict(config), "epoch": epoch + 1,
+                        "history": history, "val_acc": val_acc},
+                       scored, model, optimizer, scheduler, generator)
     return model, history

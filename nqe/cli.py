@@ -62,54 +62,46 @@ def cmd_budget(args):
 # -- train / export ----------------------------------------------------------------------------
 
 
-def cmd_train(args):
-    from nqe.model.train import TrainConfig, TrainError, train
+def _config_from_args(config_type, args, **overrides):
+    """A run configuration from the command line: every dataclass field that has an option."""
+    import dataclasses
 
-    config = TrainConfig(spec=args.spec, epochs=args.epochs, batch_size=args.batch_size,
-                         lr=args.lr, freeze_epochs=args.freeze_epochs, val_size=args.val_size,
-                         seed=args.seed, bf16=args.bf16, threads=args.threads, data=args.data,
-                         limit_train=args.limit_train, bn_epochs=args.bn_epochs,
-                         device=args.device, quantizer=args.quantizer,
-                         init_from=args.init_from or "", teacher=args.teacher or "",
-                         distill_weight=args.distill_weight,
-                         distill_temperature=args.distill_temperature, fold=args.fold,
-                         fold_images=args.fold_images)
-    out = Path(args.out or f"runs/{Path(args.spec).stem}")
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_type)
+             if hasattr(args, f.name)}
+    return config_type(**(given | overrides))
+
+
+def _run_training(command, run, config, out, args, what):
+    """Run ``run(config, out, ...)``; print the best epoch, or the error (exit 2)."""
+    from nqe.model.train import TrainError
+
     started = time.time()
     try:
-        _, history = train(config, out, resume=args.resume, progress=not args.no_progress)
+        _, history = run(config, out, resume=args.resume, progress=not args.no_progress)
     except TrainError as error:
-        print(f"nqe train: error: {error}", file=sys.stderr)
+        print(f"nqe {command}: error: {error}", file=sys.stderr)
         return 2
     best = max(history, key=lambda r: r["val_acc"]) if history else None
     if best:
-        print(f"best validation accuracy {best['val_acc']:.4f} at epoch {best['epoch']}; "
+        print(f"best {what}validation accuracy {best['val_acc']:.4f} at epoch {best['epoch']}; "
               f"checkpoint {out / 'best.pt'} ({time.time() - started:.0f} s this call)")
     return 0
 
 
+def cmd_train(args):
+    from nqe.model.train import TrainConfig, train
+
+    config = _config_from_args(TrainConfig, args, init_from=args.init_from or "",
+                               teacher=args.teacher or "")
+    out = Path(args.out or f"runs/{Path(args.spec).stem}")
+    return _run_training("train", train, config, out, args, "")
+
+
 def cmd_teacher(args):
     from nqe.model.teacher import TeacherConfig, train_teacher
-    from nqe.model.train import TrainError
 
-    config = TeacherConfig(depth=args.depth, width=args.width, epochs=args.epochs,
-                           batch_size=args.batch_size, lr=args.lr, device=args.device,
-                           val_size=args.val_size, seed=args.seed, bf16=args.bf16,
-                           threads=args.threads, data=args.data, limit_train=args.limit_train)
-    out = Path(args.out)
-    started = time.time()
-    try:
-        _, history = train_teacher(config, out, resume=args.resume,
-                                   progress=not args.no_progress)
-    except TrainError as error:
-        print(f"nqe teacher: error: {error}", file=sys.stderr)
-        return 2
-    best = max(history, key=lambda r: r["val_acc"]) if history else None
-    if best:
-        print(f"best teacher validation accuracy {best['val_acc']:.4f} at epoch "
-              f"{best['epoch']}; checkpoint {out / 'best.pt'} "
-              f"({time.time() - started:.0f} s this call)")
-    return 0
+    return _run_training("teacher", train_teacher, _config_from_args(TeacherConfig, args),
+                         Path(args.out), args, "teacher ")
 
 
 def _train_command(config):
@@ -347,6 +339,22 @@ def build_parser():
     def progress_option(p):
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    def run_options(p):
+        """Options of every training command (``nqe train``, ``nqe teacher``)."""
+        p.add_argument("--device", default="auto",
+                       help="torch device for training: auto (CUDA when available), cpu, cuda")
+        p.add_argument("--val-size", type=int, default=5000,
+                       help="validation images held out of train (stratified, seeded; a teacher "
+                            "must use the student's)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--bf16", action="store_true", help="bf16 autocast for training steps")
+        p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+        p.add_argument("--limit-train", type=int, default=0, help="use only N training images")
+        p.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from last.pt with its saved configuration")
+        data_option(p)
+        progress_option(p)
+
     p = sub.add_parser("budget", help="on-chip memory breakdown of a spec; exit 1 over budget")
     p.add_argument("--spec", default="nqe-1mb", metavar="NAME|FILE")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -373,14 +381,7 @@ def build_parser():
                    help="start from a trained run's best.pt/last.pt (same spec): fine-tuning")
     p.add_argument("--quantizer", choices=("heq", "minmax"), default="heq",
                    help="weight step: HEQ (levels used equally) or plain min-max (ablation)")
-    p.add_argument("--device", default="auto",
-                   help="torch device for training: auto (CUDA when available), cpu, cuda")
-    p.add_argument("--val-size", type=int, default=5000,
-                   help="validation images held out of train (stratified, seeded)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for training steps")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    p.add_argument("--limit-train", type=int, default=0, help="use only N training images")
+    run_options(p)
     p.add_argument("--teacher", metavar="CHECKPOINT",
                    help="distill from this float teacher (best.pt of an `nqe teacher` run with "
                         "the same --seed and --val-size)")
@@ -388,10 +389,6 @@ def build_parser():
                    help="loss = (1 - w) * cross-entropy + w * soft-target KL (with --teacher)")
     p.add_argument("--distill-temperature", type=float, default=4.0,
                    help="softmax temperature of the soft targets (with --teacher)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from last.pt with its saved configuration")
-    data_option(p)
-    progress_option(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("teacher", help="train a float ResNet teacher for distillation "
@@ -403,18 +400,7 @@ def build_parser():
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.2, help="SGD peak learning rate (one-cycle)")
-    p.add_argument("--device", default="auto",
-                   help="torch device: auto (CUDA when available), cpu, cuda")
-    p.add_argument("--val-size", type=int, default=5000,
-                   help="validation images held out of train (the student's split)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for training steps")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    p.add_argument("--limit-train", type=int, default=0, help="use only N training images")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from last.pt with its saved configuration")
-    data_option(p)
-    progress_option(p)
+    run_options(p)
     p.set_defaults(func=cmd_teacher)
 
     p = sub.add_parser("curve", help="plot a run's training curve (PNG; needs matplotlib)")
