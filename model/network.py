@@ -129,6 +129,98 @@ class NQENet(nn.Module):
             set_bias()
         self.train(was_training)
 
+    @torch.no_grad()
+    def warm_start(self, source, images, batch_size=256):
+        """Start this network's BatchNorm phase from a trained network ``source`` of another spec
+        with the same layers and weight shapes (e.g. wider activations): the source's weights,
+        and each BatchNorm set so that, on ``images``, the layer computes what the source's BSN
+        layer computed, rescaled to this layer's output range.
+
+        Source layer: ``(acc + b) / 2**k`` with accumulator statistics (mean m, std s) measured on
+        ``images``; this layer's BatchNorm gets ``gamma = r * s / 2**k`` and
+        ``beta = r * (m + b) / 2**k``, ``r = (2**n_new - 1) / (2**n_source - 1)``. Its input may
+        itself be rescaled upstream; BatchNorm's own normalization absorbs that. Running
+        statistics are then measured once through the whole network. The shifts stay free (the
+        fold sets them).
+        """
+        if not all(conv.norm is not None for conv in self.convs.values()
+                   if conv.layer.has_bsn):
+            raise ValueError("warm_start needs a network built with batch_norm=True")
+        mine, theirs = self.state_dict(), source.state_dict()
+        for layer in self.spec.layers():
+            key = _key(layer.name)
+            if layer.kind is LayerKind.POOL:
+                continue
+            if key not in source.convs:
+                raise ValueError(f"warm start: layer {layer.name!r} has no counterpart in the "
+                                 f"source network {source.spec.name!r}")
+            for field in ("weight", "bias"):
+                want, have = mine[f"convs.{key}.{field}"].shape, theirs[f"convs.{key}.{field}"].shape
+                if want != have:
+                    raise ValueError(f"warm start: layer {layer.name!r} {field} shape "
+                                     f"{tuple(want)} in spec {self.spec.name!r}, "
+                                     f"{tuple(have)} in the source spec {source.spec.name!r}")
+        if source.has_unfolded_norm:
+            raise ValueError("warm start: the source network is still in its BatchNorm phase; "
+                             "start from a folded (BSN) checkpoint")
+
+        # The source's accumulator statistics per BSN layer, in its exact integer forward.
+        sums, hooks = {}, []
+        for key, conv in source.convs.items():
+            if not conv.layer.has_bsn:
+                continue
+
+            def hook(module, args, key=key):
+                acc = module.accumulate(args[0]).double()
+                total = sums.setdefault(key, [0.0, 0.0, 0])
+                total[0] = total[0] + acc.sum(dim=(0, 2, 3))
+                total[1] = total[1] + (acc * acc).sum(dim=(0, 2, 3))
+                total[2] += acc.numel() // acc.shape[1]
+            hooks.append(conv.register_forward_pre_hook(hook))
+        was_training = source.training
+        source.eval()
+        try:
+            for start in range(0, len(images), batch_size):
+                source(images[start:start + batch_size].float())
+        finally:
+            for handle in hooks:
+                handle.remove()
+            source.train(was_training)
+
+        for key, conv in self.convs.items():
+            theirs_conv = source.convs[key]
+            conv.weight.copy_(theirs_conv.weight)
+            conv.step.copy_(theirs_conv.step)
+            if conv.select_gate is not None and theirs_conv.select_gate is not None:
+                conv.select_gate.copy_(theirs_conv.select_gate)
+            if not conv.layer.has_bsn:          # the classifier: integer bias kept as it was
+                conv.bias.copy_(theirs_conv.bias)
+                conv.bias_scale_log2.copy_(theirs_conv.bias_scale_log2)
+                conv.calibrated.copy_(theirs_conv.calibrated)
+                continue
+            total, sq, count = sums[key]
+            mean = total / count
+            std = (sq / count - mean * mean).clamp_min(0).sqrt()
+            ratio = ((1 << conv.layer.out_bits) - 1) / ((1 << theirs_conv.layer.out_bits) - 1)
+            scale = ratio / 2.0 ** theirs_conv.shift
+            conv.norm.weight.copy_((std * scale).float())
+            conv.norm.bias.copy_(((mean + theirs_conv.bias_codes().double()) * scale).float())
+            conv.calibrated.fill_(True)
+        self.log_temperature.copy_(source.log_temperature)
+
+        norms = [conv.norm for conv in self.convs.values() if conv.norm is not None]
+        momenta = [norm.momentum for norm in norms]
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None              # cumulative average over the batches
+        was_training = self.training
+        self.train()
+        for start in range(0, len(images), batch_size):
+            self(images[start:start + batch_size].float())
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        self.train(was_training)
+
     def _measure_norm(self, conv, name, images, batch_size):
         """Replace ``conv``'s BatchNorm running statistics by their average over ``images``
         (training-mode forward up to that layer; nothing learns)."""

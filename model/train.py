@@ -44,6 +44,7 @@ class TrainConfig:
     fold: str = "at-once"           # "at-once" or "sequential" (NQENet.fold_batch_norm)
     fold_images: int = 2048         # training images the sequential fold measures statistics on
     init_from: str = ""             # start from this checkpoint's model (a fine-tuning run)
+    warm_start: str = ""            # start the BatchNorm phase from a folded run of another spec
     quantizer: str = "heq"          # weight step: "heq" or "minmax" (ablation baseline)
     teacher: str = ""               # a float teacher's checkpoint (`nqe teacher`): distillation
     distill_weight: float = 0.9     # loss = (1 - w) * cross-entropy + w * soft-target term
@@ -207,6 +208,36 @@ def _load_matching_teacher(config, device, log):
     return teacher.to(device=device, memory_format=torch.channels_last)
 
 
+def _load_warm_start_source(config, spec):
+    """The folded network a ``--warm-start`` run begins from (same layers and weight shapes)."""
+    if config.bn_epochs <= 0:
+        raise TrainError(f"--warm-start {config.warm_start}: the warm start begins a BatchNorm "
+                         f"phase; give --bn-epochs > 0 (got {config.bn_epochs})")
+    path = Path(config.warm_start)
+    if not path.is_file():
+        raise TrainError(f"--warm-start {path}: no such checkpoint file")
+    try:
+        source, _ = load_checkpoint(path)
+    except (KeyError, TypeError, RuntimeError) as error:
+        raise TrainError(f"--warm-start {path}: not an `nqe train` checkpoint ({error})") \
+            from error
+    if source.has_unfolded_norm or not source.shifts_frozen:
+        raise TrainError(f"--warm-start {path}: its network is not folded into BSN yet (epoch "
+                         f"in its BatchNorm phase); start from a checkpoint of the BSN phase")
+    layers = [layer.name for layer in spec.layers()]
+    if layers != [layer.name for layer in source.spec.layers()]:
+        raise TrainError(f"--warm-start {path}: its spec {source.spec.name!r} has layers "
+                         f"{[layer.name for layer in source.spec.layers()]}, the run's spec "
+                         f"{spec.name!r} has {layers}")
+    probe = NQENet(spec, batch_norm=True).state_dict()
+    for key, value in source.state_dict().items():
+        if key.endswith((".weight", ".bias")) and key.startswith("convs.") and \
+                ".norm." not in key and probe[key].shape != value.shape:
+            raise TrainError(f"--warm-start {path}: {key} has shape {tuple(value.shape)} there, "
+                             f"{tuple(probe[key].shape)} in spec {spec.name!r}")
+    return source
+
+
 def train(config, out_dir, resume=False, progress=True, log=print):
     from .teacher import distillation_loss   # teacher.py builds on this module
 
@@ -225,12 +256,17 @@ def train(config, out_dir, resume=False, progress=True, log=print):
     device = resolve_device(config.device)
     log(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})"
                                if device.type == "cuda" else ""))
+    if config.init_from and config.warm_start:
+        raise TrainError("--warm-start and --init-from exclude each other: --init-from continues "
+                         "a run of the same spec, --warm-start begins a BatchNorm phase from one")
     source = None
     if config.init_from:
         source = torch.load(config.init_from, map_location="cpu", weights_only=False)
         if source.get("spec") != config.spec_json:
             raise TrainError(f"--init-from {config.init_from}: its spec differs from the run's "
                              f"spec {spec.name!r}; fine-tuning needs the same network")
+    warm_source = _load_warm_start_source(config, spec) if config.warm_start and \
+        run.state is None else None
     teacher = _load_matching_teacher(config, device, log) if config.teacher else None
     if config.fold not in FOLDS:
         raise TrainError(f"--fold must be one of {', '.join(FOLDS)}, got {config.fold!r}")
@@ -263,6 +299,13 @@ def train(config, out_dir, resume=False, progress=True, log=print):
         model.load_state_dict(source["model"])
         log(f"initialized from {config.init_from} (epoch {source.get('epoch')}, validation "
             f"{source.get('val_acc')}); shifts {'frozen' if model.shifts_frozen else 'free'}")
+    elif warm_source is not None:
+        model.warm_start(warm_source.to(device), train_images[:config.fold_images],
+                         batch_size=config.batch_size)
+        log(f"warm start from {config.warm_start} (spec {warm_source.spec.name!r}): weights "
+            f"copied, BatchNorm set to reproduce its BSN layers on {config.fold_images} "
+            f"training images")
+        del warm_source
     else:
         model.calibrate(augment(train_images[:512], generator))
 

@@ -92,7 +92,7 @@ def cmd_train(args):
     from nqe.model.train import TrainConfig, train
 
     config = _config_from_args(TrainConfig, args, init_from=args.init_from or "",
-                               teacher=args.teacher or "")
+                               warm_start=args.warm_start or "", teacher=args.teacher or "")
     out = Path(args.out or f"runs/{Path(args.spec).stem}")
     return _run_training("train", train, config, out, args, "")
 
@@ -111,8 +111,9 @@ def _train_command(config):
     flags = {"spec": "--spec", "epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr",
              "freeze_epochs": "--freeze-epochs", "bn_epochs": "--bn-epochs",
              "quantizer": "--quantizer", "init_from": "--init-from",
+             "warm_start": "--warm-start",
              "val_size": "--val-size", "seed": "--seed"}
-    if config.get("fold", "at-once") != "at-once":
+    if config.get("fold", "at-once") != "at-once" or config.get("warm_start"):
         flags |= {"fold": "--fold", "fold_images": "--fold-images"}
     if config.get("teacher"):
         flags |= {"teacher": "--teacher", "distill_weight": "--distill-weight",
@@ -379,6 +380,10 @@ def build_parser():
                    help="training images the sequential fold measures statistics on")
     p.add_argument("--init-from", metavar="CHECKPOINT",
                    help="start from a trained run's best.pt/last.pt (same spec): fine-tuning")
+    p.add_argument("--warm-start", metavar="CHECKPOINT",
+                   help="begin the BatchNorm phase from a folded (BSN) checkpoint of a spec with "
+                        "the same layers and weight shapes, e.g. wider activations: its weights, "
+                        "and BatchNorm set to reproduce its layers (needs --bn-epochs)")
     p.add_argument("--quantizer", choices=("heq", "minmax"), default="heq",
                    help="weight step: HEQ (levels used equally) or plain min-max (ablation)")
     run_options(p)

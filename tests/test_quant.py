@@ -175,3 +175,85 @@ def test_folded_batchnorm_model_exports_to_identical_integer_logits(seed, fold):
     with torch.no_grad():
         fake = model.eval()(batch)
     assert (fake.numpy() == run_reference(net, images)).all(), f"seed {seed}"
+
+
+def _folded_model(seed):
+    model, images, batch = _batchnorm_phase_model(seed)
+    model.fold_batch_norm(batch, batch_size=16)
+    return model.eval(), batch
+
+
+def _widened(spec):
+    """The spec with every activation one bit wider (capped at 3): same layers, same shapes."""
+    from nqe.model.spec import spec_from_dict
+    data = spec.to_dict()
+    data["name"] = spec.name + "-wide"
+    data["stem"]["act_bits"] = min(data["stem"]["act_bits"] + 1, 3)
+    for block in data["blocks"]:
+        block["act_bits"] = [min(b + 1, 3) for b in block["act_bits"]]
+    return spec_from_dict(data, source="widened test spec")
+
+
+def _widenable_seeds(count=6):
+    """Random specs whose widened variant differs and is legal (an OR residual stays binary)."""
+    from nqe.model.spec import SpecError
+    seeds = []
+    for seed in range(100):
+        try:
+            wide = _widened(random_spec(seed))
+        except SpecError:
+            continue
+        if [layer.out_bits for layer in wide.layers()] == \
+                [layer.out_bits for layer in random_spec(seed).layers()]:
+            continue                            # already 3 bits everywhere
+        seeds.append(seed)
+        if len(seeds) == count:
+            return seeds
+    raise AssertionError(f"only {len(seeds)} widenable specs among seeds 0..99")
+
+
+@pytest.mark.parametrize("seed", _widenable_seeds())
+@pytest.mark.parametrize("widen", [False, True])
+def test_warm_start_batchnorm_reproduces_the_source_bsn_layers(seed, widen):
+    """Fed the source's own input, each warm-started layer's BatchNorm output equals the source's
+    BSN pre-activation (acc + b) / 2**k, rescaled to the new output range."""
+    source, batch = _folded_model(seed)
+    spec = _widened(source.spec) if widen else source.spec
+    model = NQENet(spec, batch_norm=True)
+    model.warm_start(source, batch, batch_size=len(batch))
+    with torch.no_grad():
+        _, acts = source(batch, return_activations=True)
+        layers = list(source.spec.layers())
+        checked = 0
+        for index, layer in enumerate(layers):
+            if not layer.has_bsn:
+                continue
+            upstream = acts[layers[index - 1].name] if index else batch.float()
+            theirs = source.conv(layer.name)
+            acc = theirs.accumulate(upstream)
+            expected = (acc + theirs.bias_codes().view(1, -1, 1, 1)) / 2.0 ** theirs.shift
+            ratio = ((1 << spec.layer(layer.name).out_bits) - 1) / ((1 << layer.out_bits) - 1)
+            if not widen and index == 0:
+                assert ratio == 1
+            mine = model.conv(layer.name)
+            assert torch.equal(mine.weight, theirs.weight)
+            norm = mine.norm.train()          # batch statistics: those the warm start measured
+            got = norm(mine.accumulate(upstream))
+            spread = float(expected.std()) * ratio + 1e-3
+            assert torch.allclose(got, expected * ratio, atol=1e-4 * spread, rtol=1e-4), \
+                f"seed {seed}, layer {layer.name}"
+            checked += 1
+    assert checked == sum(layer.has_bsn for layer in layers)
+    assert model.has_unfolded_norm and not model.shifts_frozen
+
+
+def test_warm_start_refuses_other_shapes_and_unfolded_sources():
+    source, batch = _folded_model(1)
+    other = random_spec(2)
+    with pytest.raises(ValueError, match=r"warm start: layer '.*' (has no counterpart|.*shape)"):
+        NQENet(other, batch_norm=True).warm_start(source, batch)
+    unfolded, _, _ = _batchnorm_phase_model(1)
+    with pytest.raises(ValueError, match="still in its BatchNorm phase"):
+        NQENet(source.spec, batch_norm=True).warm_start(unfolded, batch)
+    with pytest.raises(ValueError, match="batch_norm=True"):
+        NQENet(source.spec).warm_start(source, batch)

@@ -130,3 +130,82 @@ def test_unavailable_device_is_a_clear_error():
     if not torch.cuda.is_available():
         with pytest.raises(TrainError, match="--device 'cuda': CUDA is not available"):
             resolve_device("cuda")
+
+
+def _wide_tiny(tmp_path):
+    """TINY with 3-bit activations after the group-wise layers: the same weight shapes."""
+    data = json.loads(TINY.to_json())
+    data["name"] = "tiny-wide"
+    for block in data["blocks"]:
+        block["act_bits"] = [2, 3, 2]
+    path = tmp_path / "tiny-wide.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_warm_start_begins_a_batchnorm_phase_from_a_folded_run(tmp_path, synthetic_data):
+    """A folded run of TINY warm-starts a run of a wider-activation spec: weights copied, the
+    BatchNorm phase, the fold and the BSN phase follow, and the result exports exactly; resuming
+    the warm-started run gives the same model as running it straight."""
+    train(_config(tmp_path, synthetic_data, 2, bn_epochs=1), tmp_path / "source",
+          progress=False, log=lambda *_: None)
+
+    def config():
+        c = _config(tmp_path, synthetic_data, 3, bn_epochs=2, fold="sequential")
+        c.spec, c.warm_start = str(_wide_tiny(tmp_path)), str(tmp_path / "source" / "last.pt")
+        return c
+
+    lines = []
+    straight, history = train(config(), tmp_path / "wide", progress=False, log=lines.append)
+    assert any(line.startswith("warm start from") for line in lines)
+    assert [r["phase"] for r in history] == ["batchnorm", "batchnorm", "bsn"]
+    assert straight.spec.name == "tiny-wide" and not straight.has_unfolded_norm
+    saved = torch.load(tmp_path / "wide" / "last.pt", weights_only=False)["config"]
+    assert saved["warm_start"] == str(tmp_path / "source" / "last.pt")
+
+    _train_until(config(), tmp_path / "partial", stop_after=1)
+    resumed, _ = train(config(), tmp_path / "partial", resume=True, progress=False,
+                       log=lambda *_: None)
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+    export_model(straight, tmp_path / "weights")
+    net = load_weights(tmp_path / "weights")
+    images = np.load(synthetic_data / "test.npz")["x"]
+    with torch.no_grad():
+        fake = straight.eval()(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
+    assert (fake.numpy() == run_reference(net, images)).all()
+
+
+def test_warm_start_copies_the_source_weights(tmp_path, synthetic_data):
+    train(_config(tmp_path, synthetic_data, 2, bn_epochs=1), tmp_path / "source",
+          progress=False, log=lambda *_: None)
+    source, _ = load_checkpoint(tmp_path / "source" / "last.pt")
+    c = _config(tmp_path, synthetic_data, 1, bn_epochs=1)
+    c.spec, c.warm_start, c.lr = str(_wide_tiny(tmp_path)), str(tmp_path / "source" / "last.pt"), 0.0
+    model, _ = train(c, tmp_path / "wide", progress=False, log=lambda *_: None)
+    for name, conv in source.convs.items():
+        assert torch.equal(conv.weight, model.convs[name].weight), name
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no-bn-epochs", r"--warm-start .*: the warm start begins a BatchNorm phase; give "
+                     r"--bn-epochs > 0 \(got 0\)"),
+    ("with-init-from", "--warm-start and --init-from exclude each other"),
+    ("missing", r"--warm-start .*nowhere.pt: no such checkpoint file"),
+    ("unfolded", r"--warm-start .*last.pt: its network is not folded into BSN yet"),
+    ("other-layers", r"--warm-start .*last.pt: its spec 'tiny' has layers \["),
+])
+def test_warm_start_errors_name_the_option_and_file(tmp_path, synthetic_data, case, message):
+    train(_config(tmp_path, synthetic_data, 1, bn_epochs=1 if case == "unfolded" else 0),
+          tmp_path / "source", progress=False, log=lambda *_: None)
+    c = _config(tmp_path, synthetic_data, 1, bn_epochs=0 if case == "no-bn-epochs" else 1)
+    c.spec, c.warm_start = str(_wide_tiny(tmp_path)), str(tmp_path / "source" / "last.pt")
+    if case == "with-init-from":
+        c.init_from = c.warm_start
+    if case == "missing":
+        c.warm_start = str(tmp_path / "nowhere.pt")
+    if case == "other-layers":
+        c.spec = "nqe-1mb"
+    with pytest.raises(TrainError, match=message):
+        train(c, tmp_path / "run", progress=False, log=lambda *_: None)
