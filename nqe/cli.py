@@ -125,6 +125,26 @@ def _train_command(config):
     return " ".join(parts)
 
 
+def _relabel_spec(model, checkpoint, spec_name):
+    """Give a trained model the name of a spec equal to its own in everything else (a run
+    trained from a spec file under another name); returns an error message, or None."""
+    from nqe.model.spec import SpecError, load_spec
+
+    try:
+        target = load_spec(spec_name)
+    except (SpecError, OSError) as error:
+        return f"--as-spec {spec_name}: {error}"
+    mine, theirs = model.spec.to_dict(), target.to_dict()
+    differ = sorted(key for key in set(mine) | set(theirs)
+                    if key != "name" and mine.get(key) != theirs.get(key))
+    if differ:
+        return (f"--as-spec {spec_name}: spec {target.name!r} differs from the checkpoint's spec "
+                f"{model.spec.name!r} in {', '.join(differ)}")
+    model.spec = target
+    checkpoint["spec"] = target.to_dict()
+    return None
+
+
 def cmd_export(args):
     import torch
 
@@ -134,6 +154,11 @@ def cmd_export(args):
     from nqe.model.weights_io import export_model, load_weights
 
     model, checkpoint = load_checkpoint(args.checkpoint)
+    if args.as_spec:
+        error = _relabel_spec(model, checkpoint, args.as_spec)
+        if error:
+            print(f"nqe export: error: {args.checkpoint}: {error}", file=sys.stderr)
+            return 2
     history = checkpoint.get("history", [])
     name = args.name or model.spec.name
     meta = {
@@ -420,6 +445,9 @@ def build_parser():
     p.add_argument("--checkpoint", required=True, metavar="FILE", help="best.pt or last.pt")
     p.add_argument("--out", metavar="DIR", help="default weights/<name>")
     p.add_argument("--name", help="weights name (default: the spec's)")
+    p.add_argument("--as-spec", metavar="NAME|FILE",
+                   help="export under this spec's name (e.g. nqe-1mb for a run trained from an "
+                        "equal spec file with another name); everything but the name must match")
     p.add_argument("--check", type=int, default=1000,
                    help="test images on which reference and model logits must be identical")
     data_option(p)

@@ -209,3 +209,34 @@ def test_warm_start_errors_name_the_option_and_file(tmp_path, synthetic_data, ca
         c.spec = "nqe-1mb"
     with pytest.raises(TrainError, match=message):
         train(c, tmp_path / "run", progress=False, log=lambda *_: None)
+
+
+def test_export_as_an_equal_spec_under_its_name(tmp_path, synthetic_data):
+    """`nqe export --as-spec` relabels a run trained from a spec file under another name, and
+    refuses a spec that differs in anything but the name."""
+    import subprocess
+    import sys
+
+    train(_config(tmp_path, synthetic_data, 1), tmp_path / "run", progress=False,
+          log=lambda *_: None)
+    renamed = json.loads(TINY.to_json()) | {"name": "tiny-product"}
+    (tmp_path / "product.json").write_text(json.dumps(renamed))
+
+    def export(spec_file, out):
+        return subprocess.run([sys.executable, "-m", "nqe.cli", "export", "--checkpoint",
+                               str(tmp_path / "run" / "best.pt"), "--as-spec", str(spec_file),
+                               "--out", str(out), "--data", str(synthetic_data), "--check", "10",
+                               "--no-progress"], capture_output=True, text=True)
+
+    result = export(tmp_path / "product.json", tmp_path / "w")
+    assert result.returncode == 0, result.stderr
+    assert load_weights(tmp_path / "w", spec=str(tmp_path / "product.json")).spec.name == \
+        "tiny-product"
+    saved = torch.load(tmp_path / "w" / "float_checkpoint.pt", weights_only=False)
+    assert saved["spec"]["name"] == "tiny-product"
+
+    result = export(_wide_tiny(tmp_path), tmp_path / "w2")
+    assert result.returncode == 2
+    assert "--as-spec" in result.stderr and "differs from the checkpoint's spec 'tiny' in blocks" \
+        in result.stderr
+    assert not (tmp_path / "w2").exists()
