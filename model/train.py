@@ -208,6 +208,10 @@ def _load_matching_teacher(config, device, log):
     return teacher.to(device=device, memory_format=torch.channels_last)
 
 
+def _unnamed(spec_dict):
+    return {key: value for key, value in spec_dict.items() if key != "name"}
+
+
 def _load_warm_start_source(config, spec):
     """The folded network a ``--warm-start`` run begins from (same layers and weight shapes)."""
     if config.bn_epochs <= 0:
@@ -262,9 +266,10 @@ def train(config, out_dir, resume=False, progress=True, log=print):
     source = None
     if config.init_from:
         source = torch.load(config.init_from, map_location="cpu", weights_only=False)
-        if source.get("spec") != config.spec_json:
+        if _unnamed(source.get("spec") or {}) != _unnamed(config.spec_json):
             raise TrainError(f"--init-from {config.init_from}: its spec differs from the run's "
-                             f"spec {spec.name!r}; fine-tuning needs the same network")
+                             f"spec {spec.name!r}; fine-tuning needs the same network (only the "
+                             f"name may differ)")
     warm_source = _load_warm_start_source(config, spec) if config.warm_start and \
         run.state is None else None
     teacher = _load_matching_teacher(config, device, log) if config.teacher else None
