@@ -299,9 +299,10 @@ def test_sizes_come_from_the_spec():
     lanes = max(t.lanes for t in tilings)
     assert dut.weight_word_bits == spec.hardware.weight_word_bits == 48
     assert dut.lanes == lanes == 24
-    assert dut.act_bits == max(layer.in_bits for layer in layers) == 8
+    # the classifier reads 9-bit sums (64 pooled 3-bit activations), wider than the 8-bit image
+    assert dut.act_bits == max(layer.in_bits for layer in layers) == 9
     assert dut.acc_bits == max([layer.acc_bits for layer in layers if layer.has_weights]
-                               + pool_acc) == 17
+                               + pool_acc) == 18
     assert [dut.products_per_cycle(b) for b in (3, 2, 1)] == [
         min(lanes, contract.codes_per_word(b, 48)) for b in (3, 2, 1)] == [16, 24, 24]
     ports = []
