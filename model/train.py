@@ -233,13 +233,7 @@ def _load_warm_start_source(config, spec):
         raise TrainError(f"--warm-start {path}: its spec {source.spec.name!r} has layers "
                          f"{[layer.name for layer in source.spec.layers()]}, the run's spec "
                          f"{spec.name!r} has {layers}")
-    probe = NQENet(spec, batch_norm=True).state_dict()
-    for key, value in source.state_dict().items():
-        if key.endswith((".weight", ".bias")) and key.startswith("convs.") and \
-                ".norm." not in key and probe[key].shape != value.shape:
-            raise TrainError(f"--warm-start {path}: {key} has shape {tuple(value.shape)} there, "
-                             f"{tuple(probe[key].shape)} in spec {spec.name!r}")
-    return source
+    return source       # weight shapes: NQENet.warm_start checks them, layer by layer
 
 
 def train(config, out_dir, resume=False, progress=True, log=print):
@@ -305,8 +299,11 @@ def train(config, out_dir, resume=False, progress=True, log=print):
         log(f"initialized from {config.init_from} (epoch {source.get('epoch')}, validation "
             f"{source.get('val_acc')}); shifts {'frozen' if model.shifts_frozen else 'free'}")
     elif warm_source is not None:
-        model.warm_start(warm_source.to(device), train_images[:config.fold_images],
-                         batch_size=config.batch_size)
+        try:
+            model.warm_start(warm_source.to(device), train_images[:config.fold_images],
+                             batch_size=config.batch_size)
+        except ValueError as error:
+            raise TrainError(f"--warm-start {config.warm_start}: {error}") from error
         log(f"warm start from {config.warm_start} (spec {warm_source.spec.name!r}): weights "
             f"copied, BatchNorm set to reproduce its BSN layers on {config.fold_images} "
             f"training images")

@@ -240,3 +240,16 @@ def test_export_as_an_equal_spec_under_its_name(tmp_path, synthetic_data):
     assert "--as-spec" in result.stderr and "differs from the checkpoint's spec 'tiny' in blocks" \
         in result.stderr
     assert not (tmp_path / "w2").exists()
+
+
+def test_warm_start_with_other_weight_shapes_names_the_layer(tmp_path, synthetic_data):
+    train(_config(tmp_path, synthetic_data, 2, bn_epochs=1), tmp_path / "source",
+          progress=False, log=lambda *_: None)
+    data = json.loads(TINY.to_json())
+    data["name"], data["blocks"][1]["expand"] = "tiny-wider", 24
+    (tmp_path / "wider.json").write_text(json.dumps(data))
+    c = _config(tmp_path, synthetic_data, 1, bn_epochs=1)
+    c.spec, c.warm_start = str(tmp_path / "wider.json"), str(tmp_path / "source" / "last.pt")
+    with pytest.raises(TrainError, match=r"--warm-start .*last.pt: warm start: layer 'b2.pw1' "
+                                         r"weight shape \(24, 8, 1, 1\) in spec 'tiny-wider'"):
+        train(c, tmp_path / "run", progress=False, log=lambda *_: None)
