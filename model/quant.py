@@ -193,10 +193,19 @@ class QuantConv(nn.Module):
     def accumulate(self, x):
         layer = self.layer
         weight = self.codes()
-        if self.is_classifier:
-            return F.linear(x, weight.reshape(layer.out_channels, -1).to(x.dtype)).float()
-        return F.conv2d(x, weight.to(x.dtype), stride=layer.stride, padding=layer.padding,
-                        groups=layer.groups).float()
+        # Under bf16 autocast a convolution's result keeps 8 significant bits, so an accumulator
+        # past 256 is rounded and the floor after the shift moves. Only the BatchNorm phase may
+        # round (its float BatchNorm is not the deployed arithmetic); a folded layer and the
+        # classifier accumulate in fp32, exact for these small integers, as the contract does.
+        exact = self.is_classifier or not self.in_norm_phase
+        with torch.autocast(x.device.type, enabled=not exact and
+                            torch.is_autocast_enabled(x.device.type)):
+            if exact:
+                x = x.float()
+            if self.is_classifier:
+                return F.linear(x, weight.reshape(layer.out_channels, -1).to(x.dtype)).float()
+            return F.conv2d(x, weight.to(x.dtype), stride=layer.stride, padding=layer.padding,
+                            groups=layer.groups).float()
 
     def forward(self, x, skip=None, calibrate=False):
         layer = self.layer

@@ -52,7 +52,8 @@ class TrainConfig:
     device: str = "auto"            # "auto": CUDA when available, else CPU; not kept on resume
     val_size: int = 5000
     seed: int = 0
-    bf16: bool = False              # bf16 autocast for training steps; fp32 measured as fast here
+    bf16: bool = False              # bf16 autocast for the BatchNorm phase and the teacher;
+                                    # folded (BSN) layers accumulate in fp32 (QuantConv.accumulate)
     threads: int = 0                # 0: torch default
     data: str | None = None
     limit_train: int = 0            # use only this many training images (0: all); for smoke runs

@@ -373,7 +373,9 @@ def build_parser():
                        help="validation images held out of train (stratified, seeded; a teacher "
                             "must use the student's)")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--bf16", action="store_true", help="bf16 autocast for training steps")
+        p.add_argument("--bf16", action="store_true",
+                       help="bf16 autocast for training steps (faster on CPUs with AMX-BF16); "
+                            "folded BSN layers and the classifier still accumulate exactly")
         p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
         p.add_argument("--limit-train", type=int, default=0, help="use only N training images")
         p.add_argument("--resume", action="store_true",

@@ -177,6 +177,25 @@ def test_folded_batchnorm_model_exports_to_identical_integer_logits(seed, fold):
     assert (fake.numpy() == run_reference(net, images)).all(), f"seed {seed}"
 
 
+@pytest.mark.parametrize("seed", _random_specs_covering_every_feature(12))
+def test_folded_model_trains_on_the_exact_integer_forward_under_bf16_autocast(seed):
+    """A bf16 convolution keeps 8 significant bits of its accumulator; the BSN phase's training
+    forward (``--bf16``) must still be the integer reference's, layer by layer, or it optimizes
+    a network that is not the one exported."""
+    model, images, batch = _batchnorm_phase_model(seed)
+    model.fold_batch_norm(batch, batch_size=16)
+    net = integer_network_from_model(model)
+    ref, ref_acts = run_reference(net, images, return_activations=True)
+    for mode in ("train", "eval"):
+        model.train(mode == "train")
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            fake, fake_acts = model(batch, return_activations=True)
+        for name in ref_acts:
+            assert (fake_acts[name].float().numpy() == ref_acts[name]).all(), \
+                f"seed {seed}, {mode} mode, layer {name}"
+        assert (fake.float().numpy() == ref).all(), f"seed {seed}, {mode} mode"
+
+
 def _folded_model(seed):
     model, images, batch = _batchnorm_phase_model(seed)
     model.fold_batch_norm(batch, batch_size=16)
