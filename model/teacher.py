@@ -127,9 +127,10 @@ def load_teacher(path):
     return model, checkpoint
 
 
-def train_teacher(config, out_dir, resume=False, progress=True, log=print):
-    """Train a float teacher on the student's training split; returns (model, history)."""
-    run = RunFolder(out_dir, config, resume, log)
+def train_teacher(config, out_dir, resume=False, progress=True, log=print, resume_from=None):
+    """Train a float teacher on the student's training split; returns (model, history).
+    ``resume_from``: a ``snapshot.pt`` (or ``last.pt``) to start the empty ``out_dir`` from."""
+    run = RunFolder(out_dir, config, resume, log, resume_from=resume_from, kind="teacher")
     config = run.config
     data, (tx, ty), (vx, vy) = training_split(config)
     device = resolve_device(config.device)
@@ -153,6 +154,9 @@ def train_teacher(config, out_dir, resume=False, progress=True, log=print):
     history, start_epoch = [], 0
     if run.state is not None:
         history, start_epoch = run.restore(model, optimizer, scheduler, generator)
+        if run.rebuild_best:
+            run.write_best({key: run.state[key] for key in ("kind", "config", "epoch", "history",
+                                                            "val_acc")}, model)
 
     for epoch in range(start_epoch, config.epochs):
         model.train()

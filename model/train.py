@@ -1,8 +1,10 @@
 """Training loop: seeded, resumable, validation split from train, progress bars.
 
 A run folder holds ``last.pt`` (everything needed to resume: model, optimizer, schedule, RNG
-states, history) written after every epoch, ``best.pt`` (the model with the best validation
-accuracy, measured with the exact integer forward), and ``history.json``.
+states, history) written after every epoch, ``snapshot.pt`` (the same without the optimizer's
+moments: about a third of the size, small enough to commit, so a run survives a change of
+machine), ``best.pt`` (the model with the best validation accuracy, measured with the exact
+integer forward), and ``history.json``.
 """
 
 import copy
@@ -128,32 +130,61 @@ def load_checkpoint(path):
 
 
 class RunFolder:
-    """A run's folder: ``last.pt`` (everything needed to resume) after every epoch, ``best.pt``
-    on the best validation accuracy, ``history.json``. Shared by ``nqe train`` and ``nqe teacher``.
+    """A run's folder: ``last.pt`` (everything needed to resume) and ``snapshot.pt`` (the same
+    less the optimizer's moments) after every epoch, ``best.pt`` on the best validation accuracy,
+    ``history.json``. Shared by ``nqe train`` and ``nqe teacher``.
 
     On ``resume`` with a ``last.pt`` present, :attr:`config` is the one the run was started with
     (its schedule depends on it); only the data location and the device may differ between
-    machines.
+    machines. ``resume_from`` starts an empty folder from a snapshot instead: the run goes on
+    at the same point of its schedule with the same random streams, but the optimizer's moment
+    estimates start again from zero (Adam re-estimates them within a few hundred steps), so it
+    is not bit-identical to an uninterrupted run.
     """
 
-    def __init__(self, path, config, resume, log):
+    def __init__(self, path, config, resume, log, resume_from=None, kind="train"):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         if config.threads:
             torch.set_num_threads(config.threads)
         self.last = self.path / "last.pt"
-        self.state, self.best_acc = None, -1.0
-        if resume and self.last.exists():
+        self.log = log
+        self.state, self.best_acc, self.best_epoch = None, -1.0, 0
+        self.rebuild_best = False
+        if resume_from:
+            source = Path(resume_from)
+            if self.last.exists():
+                raise TrainError(f"--resume-from {source}: {self.last} already exists; continue "
+                                 f"that run with --resume, or give another --out")
+            if not source.is_file():
+                raise TrainError(f"--resume-from {source}: no such snapshot file")
+            self.state = torch.load(source, map_location="cpu", weights_only=False)
+            missing = {"config", "epoch", "history", "model", "optimizer", "scheduler",
+                       "generator", "torch_rng", "best_acc"} - set(self.state)
+            if missing:
+                raise TrainError(f"--resume-from {source}: not a run snapshot or last.pt "
+                                 f"(no {', '.join(sorted(missing))})")
+            if self.state.get("kind", "train") != kind:
+                raise TrainError(f"--resume-from {source}: a snapshot of a "
+                                 f"{self.state.get('kind', 'train')} run, not of a {kind} run")
+        elif resume and self.last.exists():
             self.state = torch.load(self.last, map_location="cpu", weights_only=False)
+            source = self.last
+        if self.state is not None:
             config = type(config)(**{**self.state["config"], "data": config.data,
                                      "device": config.device})
             shown = {key: ("..." if key == "spec_json" else value)
                      for key, value in asdict(config).items()}
-            log(f"resuming {self.last} with its saved configuration: {shown}")
+            log(f"resuming {source} with its saved configuration: {shown}")
         self.config = config
 
     def restore(self, model, optimizer, scheduler, generator):
-        """Load the resumed state into the run's objects; returns (history, start epoch)."""
+        """Load the resumed state into the run's objects; returns (history, start epoch).
+
+        From a snapshot, ``best.pt`` is not in it: when the snapshot's epoch was the best,
+        :attr:`rebuild_best` asks the caller for :meth:`write_best` of that epoch's scored model;
+        otherwise the selection starts again with the epochs after the snapshot (the history
+        keeps the earlier ones)."""
         state = self.state
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -161,20 +192,46 @@ class RunFolder:
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.best_acc = state["best_acc"]
+        self.best_epoch = state.get("best_epoch") or next(   # last.pt of earlier versions
+            (r["epoch"] for r in state["history"] if r["val_acc"] == self.best_acc), 0)
+        if not state["optimizer"]["state"] and not (self.path / "best.pt").exists():
+            self.log(f"snapshot at epoch {state['epoch']}: the optimizer's moments start again "
+                     f"from zero")
+            if self.best_epoch == state["epoch"]:
+                self.rebuild_best = True
+            else:
+                self.log(f"the best model so far (epoch {self.best_epoch}, validation "
+                         f"{self.best_acc:.4f}) is not in the snapshot: best.pt will hold the "
+                         f"best of the epochs after epoch {state['epoch']}")
+                self.best_acc, self.best_epoch = -1.0, 0
         return state["history"], state["epoch"]
+
+    def write_best(self, payload, best_model):
+        torch.save({**payload, "model": _cpu_state(best_model)}, self.path / "best.pt")
+        self.rebuild_best = False
 
     def save_epoch(self, payload, best_model, model, optimizer, scheduler, generator):
         """After an epoch: ``best.pt`` (with ``best_model``'s state) if ``payload['val_acc']`` is
-        the best yet, ``last.pt`` (written atomically) and ``history.json``."""
+        the best yet, ``last.pt`` and ``snapshot.pt`` (each written atomically) and
+        ``history.json``."""
         if payload["val_acc"] > self.best_acc:
-            self.best_acc = payload["val_acc"]
-            torch.save({**payload, "model": _cpu_state(best_model)}, self.path / "best.pt")
-        torch.save({**payload, "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state(), "best_acc": self.best_acc},
-                   self.path / "last.tmp")
-        (self.path / "last.tmp").replace(self.last)
+            self.best_acc, self.best_epoch = payload["val_acc"], payload["epoch"]
+            self.write_best(payload, best_model)
+        optimizer_state = optimizer.state_dict()
+        state = {**payload, "model": _cpu_state(model), "optimizer": optimizer_state,
+                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                 "torch_rng": torch.get_rng_state(), "best_acc": self.best_acc,
+                 "best_epoch": self.best_epoch}
+        self._save_atomically(state, self.last)
+        self._save_atomically({**state, "optimizer": {**optimizer_state, "state": {}}},
+                              self.path / "snapshot.pt")
         (self.path / "history.json").write_text(json.dumps(payload["history"], indent=2))
+
+    @staticmethod
+    def _save_atomically(state, path):
+        partial = path.with_suffix(".tmp")
+        torch.save(state, partial)
+        partial.replace(path)
 
 
 def training_split(config):
@@ -237,10 +294,13 @@ def _load_warm_start_source(config, spec):
     return source       # weight shapes: NQENet.warm_start checks them, layer by layer
 
 
-def train(config, out_dir, resume=False, progress=True, log=print):
+def train(config, out_dir, resume=False, progress=True, log=print, resume_from=None):
+    """Train the fake-quant model into ``out_dir``; returns (model, history). ``resume``
+    continues the run in ``out_dir`` from its ``last.pt``; ``resume_from`` starts the empty
+    ``out_dir`` from a ``snapshot.pt`` (or a ``last.pt``) copied from elsewhere."""
     from .teacher import distillation_loss   # teacher.py builds on this module
 
-    run = RunFolder(out_dir, config, resume, log)
+    run = RunFolder(out_dir, config, resume, log, resume_from=resume_from)
     config, last = run.config, run.last
     spec = load_spec(config.spec) if not config.spec_json else \
         spec_from_dict(config.spec_json, source=f"{last} (embedded spec)")
@@ -275,6 +335,15 @@ def train(config, out_dir, resume=False, progress=True, log=print):
         net.fold_batch_norm(train_images[:config.fold_images] if config.fold == "sequential"
                             else None, batch_size=config.batch_size)
 
+    def scored(net):
+        """The network validation scores: during the BatchNorm phase, a copy folded as it would
+        be now (validation is always the exact integer forward)."""
+        if not net.has_unfolded_norm:
+            return net
+        folded = copy.deepcopy(net)
+        fold(folded)
+        return folded
+
     torch.manual_seed(config.seed)
     batch_norm = config.bn_epochs > 0 or (source is not None and _has_norm(source["model"]))
     model = NQENet(spec, batch_norm=batch_norm, quantizer=config.quantizer).to(
@@ -293,8 +362,12 @@ def train(config, out_dir, resume=False, progress=True, log=print):
     history, start_epoch = [], 0
     if run.state is not None:
         history, start_epoch = run.restore(model, optimizer, scheduler, generator)
-        log(f"resumed from {last} at epoch {start_epoch}/{config.epochs} "
-            f"(best validation accuracy so far {run.best_acc:.4f})")
+        log(f"resumed at epoch {start_epoch}/{config.epochs} (best validation accuracy so far "
+            f"{run.best_acc:.4f})")
+        if run.rebuild_best:
+            run.write_best({key: run.state[key] for key in ("spec", "config", "epoch", "history",
+                                                            "val_acc")}, scored(model))
+            log(f"best.pt rebuilt from the snapshot's epoch {start_epoch}")
     elif source is not None:
         model.load_state_dict(source["model"])
         log(f"initialized from {config.init_from} (epoch {source.get('epoch')}, validation "
@@ -354,16 +427,13 @@ def train(config, out_dir, resume=False, progress=True, log=print):
             correct += int((logits.argmax(1) == labels).sum())
             seen += len(idx)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        # Validation is always the exact integer forward: during the BatchNorm phase, of a copy
-        # with the BatchNorm folded as it would be now.
         # The float-BatchNorm model's own accuracy is kept too (an ablation: BSN vs BN).
-        scored, val_acc_bn = model, None
+        val_acc_bn = None
         if model.has_unfolded_norm:
             val_acc_bn, _ = evaluate_model(model, vx, vy, desc="validation (BN)",
                                            progress=progress)
-            scored = copy.deepcopy(model)
-            fold(scored)
-        val_acc, _ = evaluate_model(scored, vx, vy, desc="validation", progress=progress)
+        scored_model = scored(model)
+        val_acc, _ = evaluate_model(scored_model, vx, vy, desc="validation", progress=progress)
         record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                   "val_acc": val_acc, "val_acc_batchnorm": val_acc_bn,
                   "lr": scheduler.get_last_lr()[0],
@@ -377,5 +447,5 @@ def train(config, out_dir, resume=False, progress=True, log=print):
             + f" ({record['seconds']:.0f} s)")
         run.save_epoch({"spec": config.spec_json, "config": asdict(config), "epoch": epoch + 1,
                         "history": history, "val_acc": val_acc},
-                       scored, model, optimizer, scheduler, generator)
+                       scored_model, model, optimizer, scheduler, generator)
     return model, history

@@ -77,12 +77,15 @@ def _run_training(command, run, config, out, args, what):
 
     started = time.time()
     try:
-        _, history = run(config, out, resume=args.resume, progress=not args.no_progress)
+        run(config, out, resume=args.resume, resume_from=args.resume_from,
+            progress=not args.no_progress)
     except TrainError as error:
         print(f"nqe {command}: error: {error}", file=sys.stderr)
         return 2
-    best = max(history, key=lambda r: r["val_acc"]) if history else None
-    if best:
+    if (out / "best.pt").exists():    # after a snapshot resume, not always the history's best
+        import torch
+
+        best = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
         print(f"best {what}validation accuracy {best['val_acc']:.4f} at epoch {best['epoch']}; "
               f"checkpoint {out / 'best.pt'} ({time.time() - started:.0f} s this call)")
     return 0
@@ -378,8 +381,14 @@ def build_parser():
                             "folded BSN layers and the classifier still accumulate exactly")
         p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
         p.add_argument("--limit-train", type=int, default=0, help="use only N training images")
-        p.add_argument("--resume", action="store_true",
-                       help="continue the run in --out from last.pt with its saved configuration")
+        resume = p.add_mutually_exclusive_group()
+        resume.add_argument("--resume", action="store_true",
+                            help="continue the run in --out from last.pt with its saved "
+                                 "configuration")
+        resume.add_argument("--resume-from", metavar="SNAPSHOT",
+                            help="start the empty --out from a run's snapshot.pt (model, "
+                                 "schedule position, random streams, history; the optimizer's "
+                                 "moments start again) or last.pt copied from another machine")
         data_option(p)
         progress_option(p)
 

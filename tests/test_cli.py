@@ -63,3 +63,12 @@ def test_eval_missing_data_names_where_it_looked(random_weights, tmp_path):
     result = nqe("eval", "--weights", str(random_weights), "--data", str(tmp_path / "no-data"))
     assert result.returncode == 2
     assert "CIFAR-10 not found" in result.stderr and str(tmp_path / "no-data") in result.stderr
+
+
+def test_train_resume_from_a_missing_snapshot_is_a_clear_error(tmp_path):
+    result = nqe("train", "--out", str(tmp_path / "run"), "--resume-from",
+                 str(tmp_path / "snapshot.pt"), "--no-progress")
+    assert result.returncode == 2
+    assert f"--resume-from {tmp_path / 'snapshot.pt'}: no such snapshot file" in result.stderr
+    both = nqe("train", "--resume", "--resume-from", str(tmp_path / "snapshot.pt"))
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr

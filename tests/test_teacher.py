@@ -140,3 +140,20 @@ def test_teacher_history_is_written(trained_teacher):
     history = json.loads((trained_teacher.parent / "history.json").read_text())
     assert [r["epoch"] for r in history] == [1, 2]
     assert all(0.0 <= r["val_acc"] <= 1.0 for r in history)
+
+
+def test_teacher_snapshot_resumes_a_teacher_run_only(tmp_path, trained_teacher, synthetic_data):
+    """A teacher's snapshot.pt starts an empty folder at its epoch (the finished run: nothing
+    left to train); the student's `train` refuses it, naming the file and the kind."""
+    snapshot = trained_teacher.parent / "snapshot.pt"
+    state = torch.load(snapshot, weights_only=False)
+    assert state["kind"] == "teacher" and state["optimizer"]["state"] == {}
+    model, history = train_teacher(_teacher_config(synthetic_data), tmp_path / "moved",
+                                   resume_from=snapshot, progress=False, log=_quiet)
+    assert [r["epoch"] for r in history] == [r["epoch"] for r in state["history"]]
+    for name, value in state["model"].items():
+        assert torch.equal(model.state_dict()[name], value), name
+    with pytest.raises(TrainError, match=r"--resume-from .*snapshot.pt: a snapshot of a teacher "
+                                         r"run, not of a train run"):
+        train(TrainConfig(data=str(synthetic_data), val_size=50), tmp_path / "student",
+              resume_from=snapshot, progress=False, log=_quiet)

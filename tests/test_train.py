@@ -47,6 +47,81 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, synthetic_data, bn_epoch
         assert torch.equal(a, b), name
 
 
+def test_snapshot_resume_keeps_the_schedule_and_the_random_streams(tmp_path, synthetic_data):
+    """snapshot.pt (no optimizer moments) copied to an empty folder continues the run at the
+    same point of its schedule, with the same data order, augmentation and fold. With lr 0 the
+    moments cannot matter, so the result must equal the uninterrupted run bit for bit."""
+    def config():
+        c = _config(tmp_path, synthetic_data, 3, bn_epochs=2, fold="sequential")
+        c.lr = 0.0       # BatchNorm statistics still follow the batches: the streams are checked
+        return c
+
+    straight, straight_history = train(config(), tmp_path / "straight", progress=False,
+                                       log=lambda *_: None)
+    partial = tmp_path / "partial"
+    _train_until(config(), partial, stop_after=2)
+    snapshot = torch.load(partial / "snapshot.pt", weights_only=False)
+    assert snapshot["optimizer"]["state"] == {}
+    assert torch.load(partial / "last.pt", weights_only=False)["optimizer"]["state"]
+    assert (partial / "snapshot.pt").stat().st_size < (partial / "last.pt").stat().st_size
+
+    moved = tmp_path / "elsewhere" / "snapshot.pt"
+    moved.parent.mkdir()
+    (partial / "snapshot.pt").rename(moved)
+    lines = []
+    resumed, history = train(config(), tmp_path / "resumed", resume_from=moved, progress=False,
+                             log=lines.append)
+    assert any("the optimizer's moments start again from zero" in line for line in lines)
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert [r["lr"] for r in history] == [r["lr"] for r in straight_history]
+    assert [r["val_acc"] for r in history] == [r["val_acc"] for r in straight_history]
+    assert not resumed.has_unfolded_norm
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("best_is_last", [True, False], ids=["best-rebuilt", "best-not-carried"])
+def test_snapshot_resume_rebuilds_best_only_from_its_own_epoch(tmp_path, synthetic_data,
+                                                                best_is_last):
+    """best.pt is not in a snapshot: rebuilt when the snapshot's epoch was the best, otherwise
+    the selection starts again after it (and says so)."""
+    train(_config(tmp_path, synthetic_data, 2), tmp_path / "run", progress=False,
+          log=lambda *_: None)
+    snapshot = torch.load(tmp_path / "run" / "snapshot.pt", weights_only=False)
+    snapshot["best_epoch"] = 2 if best_is_last else 1
+    torch.save(snapshot, tmp_path / "edited.pt")
+    lines = []
+    train(_config(tmp_path, synthetic_data, 2), tmp_path / "resumed",
+          resume_from=tmp_path / "edited.pt", progress=False, log=lines.append)
+    if best_is_last:
+        rebuilt = torch.load(tmp_path / "resumed" / "best.pt", weights_only=False)
+        assert rebuilt["epoch"] == 2
+        for name, value in snapshot["model"].items():
+            assert torch.equal(rebuilt["model"][name], value), name
+    else:
+        assert not (tmp_path / "resumed" / "best.pt").exists()
+        assert any("is not in the snapshot: best.pt will hold the best of the epochs after "
+                   "epoch 2" in line for line in lines)
+
+
+def test_snapshot_resume_errors_name_the_file(tmp_path, synthetic_data):
+    train(_config(tmp_path, synthetic_data, 1), tmp_path / "run", progress=False,
+          log=lambda *_: None)
+    snapshot = tmp_path / "run" / "snapshot.pt"
+    with pytest.raises(TrainError, match=r"--resume-from .*snapshot.pt: .*run.last.pt already "
+                                         r"exists; continue that run with --resume"):
+        train(_config(tmp_path, synthetic_data, 1), tmp_path / "run", resume_from=snapshot,
+              progress=False, log=lambda *_: None)
+    with pytest.raises(TrainError, match=r"--resume-from .*nowhere.pt: no such snapshot file"):
+        train(_config(tmp_path, synthetic_data, 1), tmp_path / "new", resume_from=tmp_path /
+              "nowhere.pt", progress=False, log=lambda *_: None)
+    torch.save({"model": {}}, tmp_path / "other.pt")
+    with pytest.raises(TrainError, match=r"--resume-from .*other.pt: not a run snapshot or "
+                                         r"last.pt \(no best_acc, config, epoch"):
+        train(_config(tmp_path, synthetic_data, 1), tmp_path / "new", resume_from=tmp_path /
+              "other.pt", progress=False, log=lambda *_: None)
+
+
 def _train_until(config, out, stop_after):
     """Run ``train`` but stop (as a killed process would) after ``stop_after`` epochs."""
     import nqe.model.train as module
