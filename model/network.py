@@ -50,19 +50,22 @@ class NQENet(nn.Module):
         activations = {}
         block_input = {}
         for layer in self.spec.layers():
-            if layer.kind is LayerKind.POOL:
-                x = x.sum(dim=(2, 3))
-            else:
-                if layer.kind is LayerKind.POINTWISE and layer.name.endswith(".pw1"):
-                    block_input[layer.name] = x
-                skip = block_input[layer.residual_source] if layer.residual is not \
-                    Residual.NONE else None
-                x = self.conv(layer.name)(x, skip=skip, calibrate=calibrate)
+            x = self._layer_forward(layer, x, block_input, calibrate)
             if return_activations:
                 activations[layer.name] = x
             if layer.name == until:
                 break
         return (x, activations) if return_activations else x
+
+    def _layer_forward(self, layer, x, block_input, calibrate=False):
+        """One layer of :meth:`forward`; ``block_input`` keeps the skip paths' sources."""
+        if layer.kind is LayerKind.POOL:
+            return x.sum(dim=(2, 3))
+        if layer.kind is LayerKind.POINTWISE and layer.name.endswith(".pw1"):
+            block_input[layer.name] = x
+        skip = block_input[layer.residual_source] if layer.residual is not Residual.NONE \
+            else None
+        return self.conv(layer.name)(x, skip=skip, calibrate=calibrate)
 
     @torch.no_grad()
     def calibrate(self, images):
@@ -112,22 +115,42 @@ class NQENet(nn.Module):
             for set_bias in set_biases:
                 set_bias()
             return
+        # Each batch's activations are kept between layers, so every layer runs once to
+        # measure and once folded: the same arithmetic on the same batches as a forward from the
+        # images up to each layer in turn, without its quadratic cost (folded layers' shift
+        # groups are frozen, so running them leaves no state behind). Layers after the last one
+        # to fold do not run: a training-mode forward would refresh their HEQ steps.
         was_training = self.training
-        for layer in self.spec.layers():
-            conv = self.convs[_key(layer.name)] if _key(layer.name) in self.convs else None
-            if conv is None or not conv.in_norm_phase:
-                continue
-            self._measure_norm(conv, layer.name, images, batch_size)
-            group = conv.shift_group
-            if not group.frozen:
-                members = [c for c in self.convs.values()
-                           if c.shift_group is group and c.in_norm_phase]
-                gains = [c.fold_gain() for c in members]
-                group.observe(-sum(math.log2(g) for g in gains) / len(gains), reset=True)
-                group.freeze()
-            _, set_bias = conv.fold_norm()
-            set_bias()
+        batches = [images[start:start + batch_size].float()
+                   for start in range(0, len(images), batch_size)]
+        block_inputs = [{} for _ in batches]
+        to_fold = [layer.name for layer in self.spec.layers()
+                   if _key(layer.name) in self.convs and self.conv(layer.name).in_norm_phase]
+        for layer in self.spec.layers() if to_fold else ():
+            self.train()                # the training-mode forward of a BatchNorm phase step
+            if layer.name == to_fold[0]:
+                conv = self.conv(layer.name)
+                self._measure_norm(layer, conv, batches, block_inputs)
+                self._fold_measured(conv)
+                to_fold.pop(0)
+                if not to_fold:
+                    break
+            batches = [self._layer_forward(layer, x, block_input)
+                       for x, block_input in zip(batches, block_inputs)]
         self.train(was_training)
+
+    def _fold_measured(self, conv):
+        """Fold one layer whose BatchNorm statistics were just measured; its shift group's shift
+        is fixed by its first layer to fold."""
+        group = conv.shift_group
+        if not group.frozen:
+            members = [c for c in self.convs.values()
+                       if c.shift_group is group and c.in_norm_phase]
+            gains = [c.fold_gain() for c in members]
+            group.observe(-sum(math.log2(g) for g in gains) / len(gains), reset=True)
+            group.freeze()
+        _, set_bias = conv.fold_norm()
+        set_bias()
 
     @torch.no_grad()
     def warm_start(self, source, images, batch_size=256):
@@ -221,15 +244,14 @@ class NQENet(nn.Module):
             norm.momentum = momentum
         self.train(was_training)
 
-    def _measure_norm(self, conv, name, images, batch_size):
-        """Replace ``conv``'s BatchNorm running statistics by their average over ``images``
-        (training-mode forward up to that layer; nothing learns)."""
+    def _measure_norm(self, layer, conv, batches, block_inputs):
+        """Replace ``conv``'s BatchNorm running statistics by their average over the batches of
+        its input (a training-mode forward of that layer; its output is not kept)."""
         norm, momentum = conv.norm, conv.norm.momentum
         norm.reset_running_stats()
         norm.momentum = None                  # cumulative average over the batches
-        self.train()
-        for start in range(0, len(images), batch_size):
-            self(images[start:start + batch_size].float(), until=name)
+        for x, block_input in zip(batches, block_inputs):
+            self._layer_forward(layer, x, block_input)
         norm.momentum = momentum
 
     @property

@@ -154,6 +154,43 @@ def test_sequential_fold_measures_each_layer_through_the_folded_layers(seed, mon
     assert model.shifts_frozen and not model.has_unfolded_norm
 
 
+def _fold_sequentially_by_definition(model, images, batch_size):
+    """The sequential fold as first written: each layer measured through a forward from the
+    images up to it (quadratic in the depth); the oracle for the cached version."""
+    from nqe.model.network import _key
+
+    model.train()
+    for layer in model.spec.layers():
+        conv = model.convs[_key(layer.name)] if _key(layer.name) in model.convs else None
+        if conv is None or not conv.in_norm_phase:
+            continue
+        momentum = conv.norm.momentum
+        conv.norm.reset_running_stats()
+        conv.norm.momentum = None
+        with torch.no_grad():
+            for start in range(0, len(images), batch_size):
+                model(images[start:start + batch_size], until=layer.name)
+            conv.norm.momentum = momentum
+            model._fold_measured(conv)
+
+
+@pytest.mark.parametrize("seed", _random_specs_covering_every_feature())
+def test_sequential_fold_equals_its_layer_by_layer_definition_bit_for_bit(seed):
+    """The fold keeps each batch's activations between layers instead of running the network
+    again up to every layer: the folded model must be the same, every tensor bit for bit."""
+    cached, _, batch = _batchnorm_phase_model(seed)
+    oracle, _, _ = _batchnorm_phase_model(seed)
+    with torch.no_grad():                   # as an optimizer step would: HEQ steps now stale
+        for model in (cached, oracle):
+            for conv in model.convs.values():
+                conv.weight.mul_(0.9)
+    cached.fold_batch_norm(batch, batch_size=12)           # 32 images: batches 12, 12, 8
+    _fold_sequentially_by_definition(oracle, batch, batch_size=12)
+    assert cached.state_dict().keys() == oracle.state_dict().keys()
+    for name, value in oracle.state_dict().items():
+        assert torch.equal(cached.state_dict()[name], value), f"seed {seed}, {name}"
+
+
 @pytest.mark.parametrize("fold", ["at-once", "sequential"])
 @pytest.mark.parametrize("seed", _random_specs_covering_every_feature())
 def test_folded_batchnorm_model_exports_to_identical_integer_logits(seed, fold):
