@@ -181,10 +181,10 @@ class RunFolder:
     def restore(self, model, optimizer, scheduler, generator):
         """Load the resumed state into the run's objects; returns (history, start epoch).
 
-        From a snapshot, ``best.pt`` is not in it: when the snapshot's epoch was the best,
-        :attr:`rebuild_best` asks the caller for :meth:`write_best` of that epoch's scored model;
-        otherwise the selection starts again with the epochs after the snapshot (the history
-        keeps the earlier ones)."""
+        A snapshot (or a ``last.pt`` from elsewhere) does not bring ``best.pt``: when its epoch
+        was the best, :attr:`rebuild_best` asks the caller for :meth:`write_best` of that epoch's
+        scored model; otherwise the selection starts again with the epochs after it (the
+        history keeps the earlier ones)."""
         state = self.state
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -194,9 +194,10 @@ class RunFolder:
         self.best_acc = state["best_acc"]
         self.best_epoch = state.get("best_epoch") or next(   # last.pt of earlier versions
             (r["epoch"] for r in state["history"] if r["val_acc"] == self.best_acc), 0)
-        if not state["optimizer"]["state"] and not (self.path / "best.pt").exists():
+        if not state["optimizer"]["state"]:
             self.log(f"snapshot at epoch {state['epoch']}: the optimizer's moments start again "
                      f"from zero")
+        if not (self.path / "best.pt").exists():     # a snapshot or last.pt from elsewhere
             if self.best_epoch == state["epoch"]:
                 self.rebuild_best = True
             else:

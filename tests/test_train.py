@@ -80,6 +80,19 @@ def test_snapshot_resume_keeps_the_schedule_and_the_random_streams(tmp_path, syn
         assert torch.equal(a, b), name
 
 
+def test_last_pt_copied_elsewhere_resumes_bit_for_bit(tmp_path, synthetic_data):
+    """--resume-from a full last.pt (moments included) is the uninterrupted run."""
+    straight, _ = train(_config(tmp_path, synthetic_data, 3), tmp_path / "straight",
+                        progress=False, log=lambda *_: None)
+    _train_until(_config(tmp_path, synthetic_data, 3), tmp_path / "partial", stop_after=2)
+    resumed, history = train(_config(tmp_path, synthetic_data, 3), tmp_path / "moved",
+                             resume_from=tmp_path / "partial" / "last.pt", progress=False,
+                             log=lambda *_: None)
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("best_is_last", [True, False], ids=["best-rebuilt", "best-not-carried"])
 def test_snapshot_resume_rebuilds_best_only_from_its_own_epoch(tmp_path, synthetic_data,
                                                                 best_is_last):
