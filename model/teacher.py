@@ -155,8 +155,7 @@ def train_teacher(config, out_dir, resume=False, progress=True, log=print, resum
     if run.state is not None:
         history, start_epoch = run.restore(model, optimizer, scheduler, generator)
         if run.rebuild_best:
-            run.write_best({key: run.state[key] for key in ("kind", "config", "epoch", "history",
-                                                            "val_acc")}, model)
+            run.write_resumed_best(model)
 
     for epoch in range(start_epoch, config.epochs):
         model.train()

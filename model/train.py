@@ -129,6 +129,11 @@ def load_checkpoint(path):
     return model, checkpoint
 
 
+# What last.pt/snapshot.pt add to an epoch's payload (best.pt holds the payload and a model).
+RESUME_ONLY = ("model", "optimizer", "scheduler", "generator", "torch_rng", "best_acc",
+               "best_epoch")
+
+
 class RunFolder:
     """A run's folder: ``last.pt`` (everything needed to resume) and ``snapshot.pt`` (the same
     less the optimizer's moments) after every epoch, ``best.pt`` on the best validation accuracy,
@@ -182,9 +187,9 @@ class RunFolder:
         """Load the resumed state into the run's objects; returns (history, start epoch).
 
         A snapshot (or a ``last.pt`` from elsewhere) does not bring ``best.pt``: when its epoch
-        was the best, :attr:`rebuild_best` asks the caller for :meth:`write_best` of that epoch's
-        scored model; otherwise the selection starts again with the epochs after it (the
-        history keeps the earlier ones)."""
+        was the best, :attr:`rebuild_best` asks the caller for :meth:`write_resumed_best` of
+        that epoch's scored model; otherwise the selection starts again with the epochs after
+        it (the history keeps the earlier ones)."""
         state = self.state
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -210,6 +215,11 @@ class RunFolder:
     def write_best(self, payload, best_model):
         torch.save({**payload, "model": _cpu_state(best_model)}, self.path / "best.pt")
         self.rebuild_best = False
+
+    def write_resumed_best(self, best_model):
+        """``best.pt`` of the resumed epoch (see :meth:`restore`): its payload as saved."""
+        payload = {key: value for key, value in self.state.items() if key not in RESUME_ONLY}
+        self.write_best(payload, best_model)
 
     def save_epoch(self, payload, best_model, model, optimizer, scheduler, generator):
         """After an epoch: ``best.pt`` (with ``best_model``'s state) if ``payload['val_acc']`` is
@@ -366,8 +376,7 @@ def train(config, out_dir, resume=False, progress=True, log=print, resume_from=N
         log(f"resumed at epoch {start_epoch}/{config.epochs} (best validation accuracy so far "
             f"{run.best_acc:.4f})")
         if run.rebuild_best:
-            run.write_best({key: run.state[key] for key in ("spec", "config", "epoch", "history",
-                                                            "val_acc")}, scored(model))
+            run.write_resumed_best(scored(model))
             log(f"best.pt rebuilt from the snapshot's epoch {start_epoch}")
     elif source is not None:
         model.load_state_dict(source["model"])
