@@ -73,8 +73,11 @@ def _config_from_args(config_type, args, **overrides):
 
 def _run_training(command, run, config, out, args, what):
     """Run ``run(config, out, ...)``; print the best epoch, or the error (exit 2)."""
-    from nqe.model.train import TrainError
+    from nqe.model.train import TrainError, keep_freed_memory
 
+    if keep_freed_memory():
+        print("allocator: freed memory stays in the heap (a CPU training step faults in its "
+              "activations' pages again otherwise)")
     started = time.time()
     try:
         run(config, out, resume=args.resume, resume_from=args.resume_from,

@@ -7,9 +7,9 @@ import torch
 from nqe.model import contract
 from nqe.model.integer_reference import run_reference
 from nqe.model.network import NQENet
-from nqe.model.quant import heq_codes, heq_step
+from nqe.model.quant import QuantConv, _FloorAddClamp, _ste, heq_codes, heq_step
 from nqe.model.random_spec import random_spec
-from nqe.model.spec import Residual
+from nqe.model.spec import Residual, load_spec
 from nqe.model.weights_io import integer_network_from_model
 
 
@@ -55,6 +55,68 @@ def test_straight_through_gradients_reach_every_parameter():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters()
                if n.endswith(".weight"))
+
+
+@pytest.mark.parametrize("top", [1.0, 3.0, 7.0])
+@pytest.mark.parametrize("with_skip", [False, True])
+def test_fused_floor_add_clamp_equals_its_definition_bit_for_bit(top, with_skip):
+    """Values and gradients of the fused activation equal the straight-through floor followed by
+    the clamp it replaces, at the edges too: exact integers, just below and above them, the
+    clamp's bounds, negative fractions and large magnitudes."""
+    g = torch.Generator().manual_seed(int(top) * 2 + with_skip)
+    edges = torch.tensor([-1.0, -0.5, -1e-7, 0.0, 1e-7, 0.5, top - 1e-6, top, top + 1e-6,
+                          top + 0.5, top + 1.0, -3e6, 3e6])
+    near = torch.cat([edges, torch.arange(-4.0, top + 4.0).repeat_interleave(3) +
+                      torch.tensor([-1e-6, 0.0, 1e-6]).repeat(int(top) + 8)])
+    real = torch.cat([near, torch.randn(4096 - len(near), generator=g) * (top + 2)])
+    real = real.reshape(16, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    skip = torch.randint(0, int(top) + 1, real.shape, generator=g).float() if with_skip else None
+    grad = torch.randn(real.shape, generator=g)
+    results = []
+    for fused in (True, False):
+        leaf_real = real.clone().requires_grad_()
+        leaf_skip = skip.clone().requires_grad_() if with_skip else None
+        if fused:
+            out = _FloorAddClamp.apply(leaf_real, leaf_skip, top)
+        else:
+            y = _ste(leaf_real, torch.floor(leaf_real), True)
+            out = torch.clamp(y + leaf_skip if with_skip else y, 0.0, top)
+        out.backward(grad)
+        results.append([out.detach(), leaf_real.grad] + ([leaf_skip.grad] if with_skip else []))
+        assert out.stride() == real.stride()
+    for fused, reference in zip(*results):
+        assert torch.equal(fused, reference)
+        assert torch.equal(fused.view(torch.int32), reference.view(torch.int32))  # signs of 0
+    assert 0 < int((results[0][1] == 0).sum()) < real.numel()      # the clamp clipped some
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 13, 23, 29, 33, "nqe-1mb"])
+def test_training_step_with_the_fused_activation_equals_the_unfused_one(seed, monkeypatch):
+    """Whole networks (random specs, several with residual adds, and the default spec; BatchNorm
+    and BSN phases, bf16 autocast as in training): the same logits and the same gradient on every
+    parameter, bit for bit."""
+    spec = load_spec(seed) if seed == "nqe-1mb" else random_spec(seed)
+    seed = 4 if seed == "nqe-1mb" else seed          # BatchNorm phase, bf16: the long run
+    images = torch.randint(0, 256, (8, 3, spec.input_height, spec.input_width),
+                           generator=torch.Generator().manual_seed(seed)).float()
+    results = []
+    for fuse in (True, False):
+        monkeypatch.setattr(QuantConv, "fuse_activation", fuse)
+        torch.manual_seed(seed)
+        model = NQENet(spec, batch_norm=seed % 2 == 0)
+        model.calibrate(images)
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=seed % 4 < 2):
+            logits = model(images)
+        model.scaled_logits(logits).logsumexp(1).mean().backward()
+        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (fused_logits, fused_grads), (logits, grads) = results
+    assert torch.equal(fused_logits, logits)
+    assert fused_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        assert (grad is None) == (fused_grads[name] is None), name
+        assert grad is None or torch.equal(fused_grads[name], grad), name
+    assert any(g is not None and g.abs().sum() > 0 for g in grads.values())
 
 
 def test_frozen_shifts_do_not_move():
