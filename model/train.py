@@ -47,7 +47,7 @@ def keep_freed_memory():
     try:
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(_M_MMAP_MAX, 0)) and \
-            bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+            bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))    # -1: never trim
     except (OSError, AttributeError):
         return False
 

@@ -1,4 +1,5 @@
-"""The ``nqe`` command line: train, teacher, export, eval, budget, bench, verilog, cosim.
+"""The ``nqe`` command line: train, teacher, export, eval, budget, bench, bench-train, verilog,
+cosim.
 
 Exit codes: 0 success; 1 a check failed (budget exceeded, mismatches found); 2 bad input (spec,
 weights, data), with one message naming the file, layer and field.
@@ -272,6 +273,30 @@ def cmd_bench(args):
     return 1 if report["logit_mismatches"] else 0
 
 
+def cmd_bench_train(args):
+    from nqe.model.step_bench import BASELINE, benchmark_training_step
+
+    report = benchmark_training_step(args.spec, batch_size=args.batch_size, steps=args.steps,
+                                     warmup=args.warmup, rounds=args.rounds, phase=args.phase,
+                                     bf16=not args.fp32, threads=args.threads,
+                                     progress=not args.no_progress)
+    report["machine"] = platform.processor() or platform.machine()
+    if args.json:
+        _print_json(report)
+        return 0
+    print(f"spec {report['spec']}, {report['phase']} phase, batch {report['batch_size']}, "
+          f"{'bf16 autocast' if report['bf16'] else 'fp32'}, {report['torch_threads']} torch "
+          f"threads; median of {report['rounds']} x {report['steps_per_process']} steps per "
+          f"variant, each in a fresh process")
+    for name, seconds in report["seconds_per_step"].items():
+        ratio = report["speedup_over_baseline"][name]
+        print(f"  {name:<28}{seconds:8.3f} s/step  {ratio:5.2f}x" +
+              ("  (baseline)" if name == BASELINE else ""))
+    if not report["allocator_setting_taken"]:
+        print("  (this allocator did not take the setting: not glibc on Linux)")
+    return 0
+
+
 # -- verilog -----------------------------------------------------------------------------------
 
 
@@ -484,6 +509,22 @@ def build_parser():
         else:
             p.add_argument("--batch-size", type=int, default=250)
             p.add_argument("--threads", type=int, default=0)
+    p = sub.add_parser("bench-train", help="seconds per CPU training step: the fused activation "
+                                           "and the kept heap against the plain step")
+    p.add_argument("--spec", default="nqe-1mb", metavar="NAME|FILE")
+    p.add_argument("--phase", choices=("batchnorm", "bsn"), default="batchnorm",
+                   help="float-BatchNorm phase, or BSN (after the fold)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per process")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per process first")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="processes per variant, the variants taking turns")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    progress_option(p)
+    p.set_defaults(func=cmd_bench_train)
+
     p = sub.add_parser("verilog", help="generate the accelerator's Verilog for a weights folder")
     p.add_argument("--weights", default="weights/nqe-1mb", metavar="DIR")
     p.add_argument("-o", "--out", default="build/verilog", metavar="DIR")

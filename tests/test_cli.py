@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from nqe.model.random_spec import random_integer_network
+from nqe.model.random_spec import random_integer_network, random_spec
 from nqe.model.spec import load_spec
 from nqe.model.weights_io import write_weights
 
@@ -24,7 +24,8 @@ def random_weights(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("command", ["budget", "train", "teacher", "export", "eval", "bench"])
+@pytest.mark.parametrize("command", ["budget", "train", "teacher", "export", "eval", "bench",
+                                     "bench-train"])
 def test_help(command):
     result = nqe(command, "--help")
     assert result.returncode == 0 and "usage: nqe" in result.stdout
@@ -51,6 +52,31 @@ def test_bench_json(random_weights, cifar_test):
                 "reference_over_pytorch"):
         assert report[key] > 0
     assert report["logit_mismatches"] == 0 and report["images"] == 100
+
+
+def test_bench_train_json_times_every_variant_in_its_own_process(tmp_path):
+    spec = tmp_path / "small.json"
+    spec.write_text(json.dumps(random_spec(3).to_dict()))         # a residual add, a bottleneck
+    result = nqe("bench-train", "--spec", str(spec), "--steps", "2", "--warmup", "0",
+                 "--rounds", "1", "--batch-size", "4", "--threads", "1", "--json",
+                 "--no-progress")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert set(report["seconds_per_step"]) == {"unfused, default allocator", "fused activation",
+                                               "freed memory kept", "both (what nqe train runs)"}
+    for name, seconds in report["all_seconds"].items():
+        assert len(seconds) == 2 and all(s > 0 for s in seconds), name
+    assert report["speedup_over_baseline"]["unfused, default allocator"] == 1.0
+    assert report["torch_threads"] == 1 and report["phase"] == "batchnorm"
+    assert report["allocator_setting_taken"] == sys.platform.startswith("linux")
+
+
+def test_bench_train_refuses_a_spec_without_a_classifier(tmp_path):
+    spec = tmp_path / "codes-only.json"
+    spec.write_text(json.dumps(random_spec(3).to_dict() | {"head": None}))
+    result = nqe("bench-train", "--spec", str(spec), "--no-progress")
+    assert result.returncode == 2
+    assert "no classifier head" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_eval_missing_weights_is_a_clear_error(tmp_path):
