@@ -68,7 +68,7 @@ def measure_steps(spec, batch_size, steps, warmup, phase, bf16, threads, fuse, k
             "torch_threads": torch.get_num_threads()}
 
 
-def benchmark_training_step(spec="nqe-1mb", batch_size=256, steps=5, warmup=2, rounds=2,
+def benchmark_training_step(spec="nqe-1mb", batch_size=256, steps=5, warmup=3, rounds=2,
                             phase="batchnorm", bf16=True, threads=2, progress=True):
     """Median seconds per step of each variant (see :data:`VARIANTS`) and their ratios to the
     unfused step with the default allocator."""

@@ -21,6 +21,15 @@ def _print_json(data):
     print(json.dumps(data, indent=2))
 
 
+def _machine():
+    """The CPU's model name where the system tells it (Linux), else the architecture."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    return platform.processor() or platform.machine()
+
+
 def _load_test_set(args):
     from nqe.model.data import load_cifar10
 
@@ -258,7 +267,7 @@ def cmd_bench(args):
     report = benchmark(net, images, batch_size=args.batch_size, threads=args.threads,
                        progress=not args.no_progress)
     report["weights"] = str(args.weights)
-    report["machine"] = platform.processor() or platform.machine()
+    report["machine"] = _machine()
     if args.json:
         _print_json(report)
     else:
@@ -280,7 +289,7 @@ def cmd_bench_train(args):
                                      warmup=args.warmup, rounds=args.rounds, phase=args.phase,
                                      bf16=not args.fp32, threads=args.threads,
                                      progress=not args.no_progress)
-    report["machine"] = platform.processor() or platform.machine()
+    report["machine"] = _machine()
     if args.json:
         _print_json(report)
         return 0
@@ -516,7 +525,8 @@ def build_parser():
                    help="float-BatchNorm phase, or BSN (after the fold)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=5, help="timed steps per process")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per process first")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed steps per process first (the heap grows in the first ones)")
     p.add_argument("--rounds", type=int, default=2,
                    help="processes per variant, the variants taking turns")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
