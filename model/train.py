@@ -38,9 +38,9 @@ def keep_freed_memory():
     """Keep freed blocks in the process's heap instead of giving them back to the system.
 
     glibc serves a block of 32 MB or more (a batch's activations) with a fresh mapping and unmaps
-    it when freed, so each training step faults in its activations' pages again: a third of a CPU
-    step's time on nqe-1mb (`nqe bench --train-step` measures it). The heap then stays at the
-    step's peak. Returns whether the allocator took the setting (glibc on Linux only).
+    it when freed, so each training step faults in its activations' pages again: about 30 % of a
+    CPU step's time on nqe-1mb (`nqe bench-train` measures it). The heap then stays at the step's
+    peak. Returns whether the allocator took the setting (glibc on Linux only).
     """
     if not sys.platform.startswith("linux"):
         return False

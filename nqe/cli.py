@@ -30,6 +30,17 @@ def _machine():
     return platform.processor() or platform.machine()
 
 
+def _at_least(low):
+    """An argparse type: an integer no smaller than ``low``."""
+    def parse(text):
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = "integer"        # argparse names the type in its error message
+    return parse
+
+
 def _load_test_set(args):
     from nqe.model.data import load_cifar10
 
@@ -523,13 +534,13 @@ def build_parser():
     p.add_argument("--spec", default="nqe-1mb", metavar="NAME|FILE")
     p.add_argument("--phase", choices=("batchnorm", "bsn"), default="batchnorm",
                    help="float-BatchNorm phase, or BSN (after the fold)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per process")
-    p.add_argument("--warmup", type=int, default=3,
+    p.add_argument("--batch-size", type=_at_least(1), default=256)
+    p.add_argument("--steps", type=_at_least(1), default=5, help="timed steps per process")
+    p.add_argument("--warmup", type=_at_least(0), default=3,
                    help="untimed steps per process first (the heap grows in the first ones)")
-    p.add_argument("--rounds", type=int, default=2,
+    p.add_argument("--rounds", type=_at_least(1), default=2,
                    help="processes per variant, the variants taking turns")
-    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--threads", type=_at_least(1), default=2, help="torch threads")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     progress_option(p)

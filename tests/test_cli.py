@@ -77,6 +77,8 @@ def test_bench_train_refuses_a_spec_without_a_classifier(tmp_path):
     result = nqe("bench-train", "--spec", str(spec), "--no-progress")
     assert result.returncode == 2
     assert "no classifier head" in result.stderr and "Traceback" not in result.stderr
+    result = nqe("bench-train", "--steps", "0")
+    assert result.returncode == 2 and "--steps: must be at least 1, got 0" in result.stderr
 
 
 def test_eval_missing_weights_is_a_clear_error(tmp_path):
