@@ -80,7 +80,7 @@ class _FloorAddClamp(torch.autograd.Function):
     (``skip`` may be None).
 
     The same values and gradients, bit for bit, as ``torch.clamp(_ste(real, floor(real)) + skip,
-    0, top)``, in four passes over the activations instead of twelve: a training step on the CPU
+    0, top)``, in four passes over the activations instead of nine: a training step on the CPU
     is bound by memory traffic over these, its largest tensors. Every ``y = floor(real) + skip``
     is an integer, so the clamp's inclusive range [0, top] is hardtanh's open (-0.5, top + 0.5),
     whose backward is one pass over the gradient and ``y`` (clamp's backward compares twice,
