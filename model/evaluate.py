@@ -1,9 +1,12 @@
 """Accuracy and throughput of the integer reference (and of the PyTorch model on the same weights)."""
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from . import contract
@@ -19,9 +22,26 @@ def _batches(count, batch_size, desc, progress):
                 unit="batch")
 
 
-def predict_reference(net, images, batch_size=250, progress=True, desc="integer reference"):
-    logits = [run_reference(net, images[s:s + batch_size])
-              for s in _batches(len(images), batch_size, desc, progress)]
+def reference_workers():
+    """Threads for the integer reference: one per core this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def predict_reference(net, images, batch_size=250, progress=True, desc="integer reference",
+                      workers=None):
+    """Logits and predictions, batches spread over ``workers`` threads (default: one per core).
+
+    Each batch's small matrix products run on one BLAS thread; the batches run side by side
+    (numpy releases the GIL in them). Multi-threaded BLAS on these products was slower, and
+    collapsed when another process (a training run) held the cores: its threads spin-wait for
+    each other.
+    """
+    starts = range(0, len(images), batch_size)
+    workers = max(1, min(workers or reference_workers(), len(starts)))
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+        batches = pool.map(lambda s: run_reference(net, images[s:s + batch_size]), starts)
+        logits = list(tqdm(batches, total=len(starts), desc=desc, leave=False,
+                           disable=not progress, unit="batch"))
     logits = np.concatenate(logits)
     return logits, contract.argmax_lowest(logits)
 

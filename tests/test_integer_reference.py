@@ -60,3 +60,16 @@ def test_trained_fake_quant_model_equals_exported_weights(shipped_net, cifar_tes
     assert len(images) == 1000
     mismatched = np.flatnonzero((ref_logits != model_logits).any(axis=1))
     assert mismatched.size == 0, f"logits differ on images {mismatched[:10].tolist()}"
+
+
+def test_reference_batches_on_threads_keep_order_and_values(shipped_net, cifar_test):
+    """Batches spread over threads come back in image order, equal to one serial pass."""
+    from nqe.model.integer_reference import run_reference
+
+    images = cifar_test.test_x[::97][:70]
+    serial = run_reference(shipped_net, images)
+    for workers in (1, 3):
+        logits, preds = predict_reference(shipped_net, images, batch_size=8, progress=False,
+                                          workers=workers)
+        assert (logits == serial).all(), f"{workers} workers"
+        assert len(preds) == len(images)
