@@ -70,10 +70,21 @@ def post_acc_model(value):
     return int(contract.residual_or(y, value["skip"]))
 
 
+def _port_range(bits):
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def _sum_range(design):
+    """The sums ``acc + bias`` the contract allows: within ``sum_bits`` and reachable from the
+    two ports' ranges."""
+    (acc_lo, acc_hi), (bias_lo, bias_hi) = map(_port_range, (design.acc_bits, design.bias_bits))
+    sum_lo, sum_hi = _port_range(design.sum_bits)
+    return max(sum_lo, acc_lo + bias_lo), min(sum_hi, acc_hi + bias_hi)
+
+
 def _split_sum(rng, design, total):
     """``(acc, bias)`` adding up to ``total``, each in its port's range, drawn at random."""
-    acc_lo, acc_hi = -(1 << (design.acc_bits - 1)), (1 << (design.acc_bits - 1)) - 1
-    bias_lo, bias_hi = -(1 << (design.bias_bits - 1)), (1 << (design.bias_bits - 1)) - 1
+    (acc_lo, acc_hi), (bias_lo, bias_hi) = map(_port_range, (design.acc_bits, design.bias_bits))
     acc = rng.randint(max(acc_lo, total - bias_hi), min(acc_hi, total - bias_lo))
     return acc, total - acc
 
@@ -115,15 +126,18 @@ def random_value(rng, design, mode):
             bias = rng.randint(lo, hi)
         return dict(config, acc=acc, bias=bias, shift=shift)
     shift = rng.randint(0, design.max_shift)
-    biggest = ((1 << (design.sum_bits - 1)) - 2) >> shift      # k * 2**shift + 1 must fit
+    sum_lo, sum_hi = _sum_range(design)
     if kind < 0.75:
         # An exact shift boundary: floor((k * 2**shift + delta) / 2**shift), both signs of k.
+        biggest = (sum_hi - 1) >> shift                         # k * 2**shift + 1 must fit
         k = rng.randint(-min(6, biggest), min(top + 3, biggest))
         total = (k << shift) + rng.choice((-1, 0, 1))
     else:
         # A clamp edge: y = -1, 0, 1, top, top + 1 (with ADD, the skip moves it; also covered).
-        y = max(-biggest, min(biggest, rng.choice([-2, -1, 0, 1, top - 1, top, top + 1,
-                                                   top - config["skip"]])))
+        # y * 2**shift plus a remainder below 2**shift must stay within the sum's range.
+        y_lo, y_hi = -(-sum_lo >> shift), (sum_hi - ((1 << shift) - 1)) >> shift
+        y = max(y_lo, min(y_hi, rng.choice([-2, -1, 0, 1, top - 1, top, top + 1,
+                                            top - config["skip"]])))
         total = (y << shift) + rng.randrange(1 << shift)
     acc, bias = _split_sum(rng, design, total)
     return dict(config, acc=acc, bias=bias, shift=shift)
