@@ -38,7 +38,6 @@ def test_modes_change_back_to_back(simulator):
     _run(simulator, "modes_change_back_to_back")
 
 
-
 class _ExtremeRandom(random.Random):
     """Draws the largest (or the smallest) value every time, and ``random()`` = ``fraction``:
     the stimulus's corners, which random seeds reach about once in ten million values."""
