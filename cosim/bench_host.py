@@ -27,7 +27,7 @@ READ_RESULT's data is not checked after a LOAD_IMAGE that wrote over the final m
 the protocol (rtl/top.py) keeps a result only until the next LOAD_IMAGE.
 
 Bench self-check: the bench must fail on :class:`BrokenAccelerator` (a response byte lost after a
-long stall) and with a deliberately wrong model (``NQE_HOST_WRONG_MODEL``).
+stall of two cycles) and with a deliberately wrong model (``NQE_HOST_WRONG_MODEL``).
 
 Run from ``tests/test_cosim_host.py``. Parameters (environment): ``NQE_COSIM_SEED``,
 ``NQE_HOST_SPEC`` (the spec JSON the simulator was built from), ``NQE_HOST_WRONG_MODEL``
@@ -41,7 +41,7 @@ import time
 
 import cocotb
 import numpy as np
-from amaranth import Module, Mux, Signal
+from amaranth import Module, Signal
 from amaranth.lib import wiring
 from cocotb.triggers import RisingEdge
 
@@ -62,7 +62,9 @@ __all__ = ["LOADS", "BrokenAccelerator", "ProtocolModel", "expected_counters", "
 
 LOADS = (Opcode.LOAD_WEIGHTS, Opcode.LOAD_BIASES, Opcode.LOAD_SHIFTS, Opcode.LOAD_SELECTS,
          Opcode.LOAD_IMAGE)
-#: Stall profiles (probability, longest stall), drawn per command for each stream.
+#: Stall profiles (probability, longest stall), dealt per command for each stream from a
+#: shuffled deck, so that every run of four commands or more uses each of them (drawn
+#: independently, a run could miss the long stalls and the bench's self-check with it).
 STALL_PROFILES = ((0.0, 1), (0.3, 3), (0.6, 8), (0.1, 25))
 
 
@@ -146,6 +148,7 @@ class HostBench:
         self.commands = self.bytes = 0
         self.statuses = collections.Counter()
         self._profiles = {"command": STALL_PROFILES[0], "response": STALL_PROFILES[0]}
+        self._decks = {stream: [] for stream in self._profiles}
         self.driver = StreamDriver(dut.clk, StreamPorts.of(dut, "command"),
                                    stall=self._stall("command"))
         self.sink = StreamSink(dut.clk, StreamPorts.of(dut, "response"),
@@ -186,8 +189,10 @@ class HostBench:
         hint = replay_hint()
         assert self.replies.values.empty(), (
             f"{hint} before {what}: {self.replies.values.qsize()} response bytes nobody asked for")
-        for stream in self._profiles:
-            self._profiles[stream] = self.rng.choice(STALL_PROFILES)
+        for stream, deck in self._decks.items():
+            if not deck:
+                deck.extend(self.rng.sample(STALL_PROFILES, len(STALL_PROFILES)))
+            self._profiles[stream] = deck.pop()
         opcode, length = frame[0], len(frame) - 4
         sending = cocotb.start_soon(self.driver.send_all(frame))
         bound = self._bound(frame)
@@ -272,9 +277,10 @@ class HostBench:
 
 
 class BrokenAccelerator(wiring.Component):
-    """A deliberately broken copy of the accelerator (same ports), for the bench self-check: after
-    3 stalled cycles on the response stream the inner accelerator's ``ready`` is forced high, so
-    a response byte is lost (only stalls find it)."""
+    """A deliberately broken copy of the accelerator (same ports), for the bench self-check: in the
+    second cycle of a stall on the response stream the inner accelerator's ``ready`` is forced
+    high, so a response byte is lost (only stalls of two cycles or more find it; after three,
+    as before 2026-12-06, a run could draw too few long stalls to show it)."""
 
     def __init__(self, spec):
         self._inner = Accelerator(spec)
@@ -284,14 +290,11 @@ class BrokenAccelerator(wiring.Component):
         m = Module()
         m.submodules.inner = inner = self._inner
         wiring.connect(m, wiring.flipped(self.command), inner.command)
-        stalled = Signal(2)
-        with m.If(self.response.valid & ~self.response.ready):
-            m.d.sync += stalled.eq(Mux(stalled == 3, 0, stalled + 1))
-        with m.Else():
-            m.d.sync += stalled.eq(0)
+        stalled = Signal()
+        m.d.sync += stalled.eq(self.response.valid & ~self.response.ready & ~stalled)
         m.d.comb += [self.response.valid.eq(inner.response.valid),
                      self.response.payload.eq(inner.response.payload),
-                     inner.response.ready.eq(self.response.ready | (stalled == 3))]
+                     inner.response.ready.eq(self.response.ready | stalled)]
         return m
 
 

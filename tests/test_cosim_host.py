@@ -7,7 +7,7 @@ load's payload followed by an exact session. One build (sim_build/host_tiny_0); 
 images are loaded at run time, drawn from the run's seed.
 
 Self-check: the bench fails on a deliberately broken accelerator (a response byte lost after a
-long stall; its own build, sim_build/host_tiny_0_broken) and when its model is deliberately
+stall of two cycles; its own build, sim_build/host_tiny_0_broken) and when its model is deliberately
 wrong (the reference on another network; BAD_LENGTH expected for unknown opcodes).
 
 The seed is drawn per run and printed; NQE_COSIM_SEED=<n> replays it.
