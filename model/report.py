@@ -22,8 +22,10 @@ def plot_history(history, path, title=""):
     epochs = [r["epoch"] for r in history]
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     acc_ax.plot(epochs, [100 * r["train_acc"] for r in history], label="train (fake-quant)")
-    acc_ax.plot(epochs, [100 * r["val_acc"] for r in history],
-                label="validation (exact integer model)")
+    validated = [(r["epoch"], 100 * r["val_acc"]) for r in history   # see --bn-val-every
+                 if r.get("val_acc") is not None]
+    if validated:
+        acc_ax.plot(*zip(*validated), label="validation (exact integer model)")
     bn = [(r["epoch"], 100 * r["val_acc_batchnorm"]) for r in history
           if r.get("val_acc_batchnorm") is not None]
     if bn:

@@ -468,6 +468,10 @@ def build_parser():
                    help="begin the BatchNorm phase from a folded (BSN) checkpoint of a spec with "
                         "the same layers and weight shapes, e.g. wider activations: its weights, "
                         "and BatchNorm set to reproduce its layers (needs --bn-epochs)")
+    p.add_argument("--bn-val-every", type=int, metavar="N",
+                   help="validate only every N-th epoch of the BatchNorm phase and its last "
+                        "(default: every epoch); BSN epochs always validate. It changes no "
+                        "weight, so --resume takes a new value")
     p.add_argument("--quantizer", choices=("heq", "minmax"), default="heq",
                    help="weight step: HEQ (levels used equally) or plain min-max (ablation)")
     run_options(p)

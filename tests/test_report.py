@@ -24,6 +24,17 @@ def test_plot_writes_a_png(tmp_path):
     assert data.startswith(PNG_MAGIC) and len(data) > 10_000
 
 
+def test_plot_leaves_out_epochs_that_were_not_validated(tmp_path):
+    """`nqe train --bn-val-every`: BatchNorm epochs without a validation have val_acc None."""
+    history = _history(epochs=8, fold=6)
+    for record in history[:5]:
+        record["val_acc"] = record["val_acc_batchnorm"] = None if record["epoch"] % 3 else \
+            record["val_acc"]
+    out = plot_history(history, tmp_path / "curve.png")
+    assert out.read_bytes().startswith(PNG_MAGIC)
+    assert plot_history(history[:2], tmp_path / "none.png").read_bytes().startswith(PNG_MAGIC)
+
+
 def test_empty_history_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         plot_history([], tmp_path / "curve.png")

@@ -47,6 +47,49 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, synthetic_data, bn_epoch
         assert torch.equal(a, b), name
 
 
+def test_validating_fewer_batchnorm_epochs_changes_no_weight(tmp_path, synthetic_data,
+                                                             monkeypatch):
+    """--bn-val-every N validates every N-th epoch of the BatchNorm phase, its last epoch and every
+    BSN epoch, and trains the same model bit for bit; a resume may change N."""
+    def config(every=None):
+        c = _config(tmp_path, synthetic_data, 6, bn_epochs=5, fold="sequential")
+        c.bn_val_every = every
+        return c
+
+    quiet = {"progress": False, "log": lambda *_: None}
+    straight, every_epoch = train(config(), tmp_path / "straight", **quiet)
+    assert all(r["val_acc"] is not None for r in every_epoch)
+    # Every 2nd epoch, stopped after epoch 3 (as a killed process would be): epoch 2 validated.
+    # Resumed every 3rd: epoch 4 is skipped, 5 ends the phase, 6 is BSN.
+    import nqe.model.train as module
+
+    class Stop(Exception):
+        pass
+
+    save_epoch = module.RunFolder.save_epoch
+
+    def stop_after_epoch_3(self, payload, *args):
+        save_epoch(self, payload, *args)
+        if payload["epoch"] == 3:
+            raise Stop
+
+    with monkeypatch.context() as patch:
+        patch.setattr(module.RunFolder, "save_epoch", stop_after_epoch_3)
+        with pytest.raises(Stop):
+            train(config(2), tmp_path / "sparse", **quiet)
+    sparse, history = train(config(3), tmp_path / "sparse", resume=True, **quiet)
+    assert [r["epoch"] for r in history if r["val_acc"] is not None] == [2, 5, 6]
+    assert [r["epoch"] for r in history if r["val_acc_batchnorm"] is not None] == [2, 5]
+    for record, full in zip(history, every_epoch):
+        assert record["val_acc"] in (None, full["val_acc"]), record["epoch"]
+    for (name, a), (_, b) in zip(straight.state_dict().items(), sparse.state_dict().items()):
+        assert torch.equal(a, b), name
+    best = torch.load(tmp_path / "sparse" / "best.pt", weights_only=False)
+    assert best["val_acc"] == max(r["val_acc"] for r in history if r["val_acc"] is not None)
+    with pytest.raises(TrainError, match="--bn-val-every must be at least 1"):
+        train(config(0), tmp_path / "zero", **quiet)
+
+
 def test_snapshot_resume_keeps_the_schedule_and_the_random_streams(tmp_path, synthetic_data):
     """snapshot.pt (no optimizer moments) copied to an empty folder continues the run at the
     same point of its schedule, with the same data order, augmentation and fold. With lr 0 the

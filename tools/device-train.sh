@@ -76,7 +76,8 @@ collect_out() {  # copy the run's files and the log's end to $OUT
 import json, sys
 rows = json.load(open(sys.argv[1]))
 for r in rows[-3:]:
-    print(f"epoch {r['epoch']}: train {r['train_acc']:.4f} val {r['val_acc']:.4f} "
+    val = "skipped" if r["val_acc"] is None else f"{r['val_acc']:.4f}"
+    print(f"epoch {r['epoch']}: train {r['train_acc']:.4f} val {val} "
           f"{r['phase']} {r['seconds']:.1f} s on {r.get('device')}")
 EOF
 }
