@@ -13,7 +13,7 @@ import random
 import pytest
 
 
-from nqe.cosim.bench_post_acc import post_acc, post_acc_widths, random_value
+from nqe.cosim.bench_post_acc import post_acc, random_value
 from nqe.cosim.build import SIM_BUILD, build_simulator, draw_seed, run_seeded_bench
 from nqe.rtl.post_acc import PostAccMode
 
@@ -68,7 +68,7 @@ class _ExtremeRandom(random.Random):
 @pytest.mark.parametrize("mode", list(PostAccMode), ids=lambda mode: mode.name.lower())
 def test_stimulus_stays_within_the_ports_and_the_sum_range(mode):
     # A clamp edge at shift 15 once drew a sum the two ports cannot carry (seed 3972927867).
-    design = post_acc_widths()
+    design = post_acc()
     sum_lo, sum_hi = -(1 << (design.sum_bits - 1)), (1 << (design.sum_bits - 1)) - 1
     rngs = [_ExtremeRandom(largest, fraction)
             for largest in (True, False) for fraction in (0.0, 0.3, 0.5, 0.7, 0.8, 0.99)]
