@@ -511,8 +511,9 @@ def build_parser():
     p.add_argument("--as-spec", metavar="NAME|FILE",
                    help="export under this spec's name (e.g. nqe-1mb for a run trained from an "
                         "equal spec file with another name); everything but the name must match")
-    p.add_argument("--check", type=int, default=1000,
-                   help="test images on which reference and model logits must be identical")
+    p.add_argument("--check", type=_at_least(1), default=1000,
+                   help="test images on which reference and model logits must be identical "
+                        "(at least 1: an export is always checked)")
     data_option(p)
     progress_option(p)
     p.set_defaults(func=cmd_export)

@@ -93,6 +93,12 @@ def test_eval_missing_data_names_where_it_looked(random_weights, tmp_path):
     assert "CIFAR-10 not found" in result.stderr and str(tmp_path / "no-data") in result.stderr
 
 
+def test_export_refuses_to_skip_its_check(tmp_path):
+    """`--check 0` once divided by zero; an export is always checked against the model."""
+    result = nqe("export", "--checkpoint", str(tmp_path / "best.pt"), "--check", "0")
+    assert result.returncode == 2 and "--check: must be at least 1, got 0" in result.stderr
+
+
 def test_train_resume_from_a_missing_snapshot_is_a_clear_error(tmp_path):
     result = nqe("train", "--out", str(tmp_path / "run"), "--resume-from",
                  str(tmp_path / "snapshot.pt"), "--no-progress")
