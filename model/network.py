@@ -87,6 +87,10 @@ class NQENet(nn.Module):
     def has_unfolded_norm(self):
         return any(conv.in_norm_phase for conv in self.convs.values())
 
+    def oscillation_penalty(self):
+        """Sum over the layers of :meth:`QuantConv.oscillation_penalty` (``--dampen``)."""
+        return sum(conv.oscillation_penalty() for conv in self.convs.values())
+
     @torch.no_grad()
     def fold_batch_norm(self, images=None, batch_size=256):
         """End of the BatchNorm phase: per-channel BN factors into the weights, offsets into the

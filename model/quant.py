@@ -205,6 +205,19 @@ class QuantConv(nn.Module):
         reach = max(legal_codes(self.bits)) + 0.5
         return codes.detach() + (u - u.detach()) * (u.detach().abs() <= reach)
 
+    def oscillation_penalty(self):
+        """Mean squared distance of the latent weights from their codes, in steps (0 on a code).
+
+        Weights that sit on a rounding threshold flip code back and forth between steps (weight
+        oscillation, Nagel et al. 2022); this term pulls them to the middle of their bin
+        (oscillation dampening). Sign (1-bit) weights have no bin middle and add nothing."""
+        if self.bits == 1:
+            return self.weight.new_zeros(())
+        top = max(legal_codes(self.bits))
+        u = self.weight / self.step
+        inside = u.detach().abs() <= top + 0.5      # past the top code no threshold is near
+        return ((u - torch.clamp(torch.round(u.detach()), -top, top)) ** 2 * inside).mean()
+
     @property
     def shift(self):
         return self.shift_group.shift if self.shift_group is not None else 0

@@ -73,6 +73,8 @@ class TrainConfig:
     teacher: str = ""               # a float teacher's checkpoint (`nqe teacher`): distillation
     distill_weight: float = 0.9     # loss = (1 - w) * cross-entropy + w * soft-target term
     distill_temperature: float = 4.0
+    dampen: float = 0.0             # oscillation dampening in the BSN phase: loss += dampen *
+                                    # NQENet.oscillation_penalty() (0: off)
     device: str = "auto"            # "auto": CUDA when available, else CPU; not kept on resume
     val_size: int = 5000
     seed: int = 0
@@ -469,6 +471,9 @@ def train(config, out_dir, resume=False, progress=True, log=print, resume_from=N
                     soft_targets = teacher(images).float()
                 loss = (1.0 - config.distill_weight) * loss + config.distill_weight * \
                     distillation_loss(scaled, soft_targets, config.distill_temperature)
+            if config.dampen and not model.has_unfolded_norm:
+                # In the BatchNorm phase the fold re-quantizes every weight anyway.
+                loss = loss + config.dampen * model.oscillation_penalty()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -147,6 +147,8 @@ def _train_command(config):
                   "distill_temperature": "--distill-temperature"}
     parts = ["nqe", "train"] + [f"{flag} {config[key]}" for key, flag in flags.items()
                                 if config.get(key) not in (None, "")]
+    if config.get("dampen"):
+        parts.append(f"--dampen {config['dampen']}")
     if config.get("bf16"):
         parts.append("--bf16")
     return " ".join(parts)
@@ -482,6 +484,11 @@ def build_parser():
                    help="loss = (1 - w) * cross-entropy + w * soft-target KL (with --teacher)")
     p.add_argument("--distill-temperature", type=float, default=4.0,
                    help="softmax temperature of the soft targets (with --teacher)")
+    p.add_argument("--dampen", type=float, default=0.0, metavar="LAMBDA",
+                   help="oscillation dampening in the BSN phase: add LAMBDA times the mean "
+                        "squared distance (in steps) of each layer's weights from their codes "
+                        "to the loss, pulling weights off the rounding thresholds (default 0: "
+                        "off)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("teacher", help="train a float ResNet teacher for distillation "

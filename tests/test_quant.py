@@ -375,3 +375,32 @@ def test_warm_start_refuses_other_shapes_and_unfolded_sources():
         NQENet(source.spec, batch_norm=True).warm_start(unfolded, batch)
     with pytest.raises(ValueError, match="batch_norm=True"):
         NQENet(source.spec).warm_start(source, batch)
+
+
+@pytest.mark.parametrize("layer, bits", [("b1.pw1", 2), ("b1.gw", 3), ("b4.pw2", 1)])
+def test_oscillation_penalty_pulls_weights_to_the_middle_of_their_bins(layer, bits):
+    """--dampen: zero for weights on their codes; beside a rounding threshold its gradient moves
+    a weight toward the code it rounds to; past the top code, and for sign weights, nothing."""
+    net = NQENet(load_spec("model/specs/ablations/nqe-1mb-b7-pw2bin.json"))
+    conv = net.conv(layer)
+    assert conv.bits == bits
+    top = max(contract.legal_codes(bits))
+    gen = torch.Generator().manual_seed(bits)
+    conv.step.fill_(0.25)                   # a power of two: codes * step / step is exact
+    with torch.no_grad():
+        conv.weight.copy_(torch.randint(-top, top + 1, conv.weight.shape, generator=gen) * 0.25)
+    assert conv.oscillation_penalty().item() == 0.0
+    if bits == 1:
+        with torch.no_grad():
+            conv.weight.view(-1)[0] = 0.01
+        assert conv.oscillation_penalty().item() == 0.0
+        return
+    with torch.no_grad():
+        flat = conv.weight.view(-1)
+        flat[0], flat[1], flat[2] = 0.45 * 0.25, 0.55 * 0.25, (top + 0.7) * 0.25
+    penalty = conv.oscillation_penalty()
+    assert penalty.item() == pytest.approx(2 * 0.45 ** 2 / conv.weight.numel())
+    penalty.backward()
+    grad = conv.weight.grad.view(-1)
+    assert grad[0] > 0 and grad[1] < 0      # descent: 0.45 toward code 0, 0.55 toward code 1
+    assert (grad[2:] == 0).all()            # on a code, or past the top one

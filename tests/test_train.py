@@ -221,6 +221,30 @@ def test_export_of_trained_checkpoint_is_bit_exact(tmp_path, synthetic_data):
     assert 0.0 <= accuracy <= 1.0
 
 
+def test_dampening_acts_in_the_bsn_phase_only_and_is_kept_with_the_run(tmp_path, synthetic_data,
+                                                                       monkeypatch):
+    """--dampen adds the oscillation penalty to the loss after the fold (the fold re-quantizes
+    every weight, so before it the term would pull toward codes that are about to change)."""
+    from nqe.cli import _train_command
+    from nqe.model.network import NQENet
+
+    phases = []
+    penalty = NQENet.oscillation_penalty
+
+    def recording(model):
+        phases.append(model.has_unfolded_norm)
+        return penalty(model)
+
+    monkeypatch.setattr(NQENet, "oscillation_penalty", recording)
+    config = _config(tmp_path, synthetic_data, 3, bn_epochs=1)
+    config.dampen = 0.5
+    train(config, tmp_path / "run", progress=False, log=lambda *_: None)
+    steps_per_epoch = len(phases) // 2
+    assert steps_per_epoch > 0 and phases == [False] * (2 * steps_per_epoch)
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["config"]
+    assert saved["dampen"] == 0.5 and "--dampen 0.5" in _train_command(saved)
+
+
 def test_fine_tuning_starts_from_the_checkpoint(tmp_path, synthetic_data):
     """--init-from: the run starts from the trained model (no re-calibration), with its own
     schedule; a checkpoint of another spec is refused with its path named."""
