@@ -453,7 +453,7 @@ def train(config, out_dir, resume=False, progress=True, log=print, resume_from=N
         model.train()
         started = time.time()
         order = torch.randperm(len(tx), generator=generator)
-        loss_sum, correct, seen = 0.0, 0, 0
+        loss_sum, penalty_sum, correct, seen = 0.0, 0.0, 0, 0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not progress, leave=False)
         for step in bar:
@@ -471,11 +471,14 @@ def train(config, out_dir, resume=False, progress=True, log=print, resume_from=N
                     soft_targets = teacher(images).float()
                 loss = (1.0 - config.distill_weight) * loss + config.distill_weight * \
                     distillation_loss(scaled, soft_targets, config.distill_temperature)
-            if config.dampen and not model.has_unfolded_norm:
-                # In the BatchNorm phase the fold re-quantizes every weight anyway.
-                loss = loss + config.dampen * model.oscillation_penalty()
+            objective = loss
+            dampening = config.dampen and not model.has_unfolded_norm
+            if dampening:       # (in the BatchNorm phase the fold re-quantizes every weight)
+                penalty = model.oscillation_penalty()
+                objective = loss + config.dampen * penalty
+                penalty_sum += penalty.item() * len(idx)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             optimizer.step()
             scheduler.step()
             with torch.no_grad():
@@ -501,8 +504,13 @@ def train(config, out_dir, resume=False, progress=True, log=print, resume_from=N
                   "seconds": time.time() - started, "shifts_frozen": model.shifts_frozen,
                   "phase": "batchnorm" if model.has_unfolded_norm else "bsn",
                   "device": str(device)}
+        if config.dampen and not model.has_unfolded_norm:
+            # train_loss stays the task loss; the penalty (before its factor) is kept beside it
+            record["oscillation_penalty"] = penalty_sum / seen
         history.append(record)
-        log(f"epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.4f} train "
+        log(f"epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.4f} "
+            + (f"(oscillation penalty {record['oscillation_penalty']:.4f}) "
+               if "oscillation_penalty" in record else "") + "train "
             f"{record['train_acc']:.4f} validation "
             + (f"{val_acc:.4f}" if val_acc is not None else
                f"skipped (the BatchNorm phase validates every {config.bn_val_every} epochs)")

@@ -241,8 +241,11 @@ def test_dampening_acts_in_the_bsn_phase_only_and_is_kept_with_the_run(tmp_path,
     train(config, tmp_path / "run", progress=False, log=lambda *_: None)
     steps_per_epoch = len(phases) // 2
     assert steps_per_epoch > 0 and phases == [False] * (2 * steps_per_epoch)
-    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["config"]
-    assert saved["dampen"] == 0.5 and "--dampen 0.5" in _train_command(saved)
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert saved["config"]["dampen"] == 0.5 and "--dampen 0.5" in _train_command(saved["config"])
+    # The penalty is recorded beside the task loss for the epochs it acted in.
+    assert ["oscillation_penalty" in r for r in saved["history"]] == [False, True, True]
+    assert all(r["oscillation_penalty"] > 0 for r in saved["history"][1:])
 
 
 def test_fine_tuning_starts_from_the_checkpoint(tmp_path, synthetic_data):
