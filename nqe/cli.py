@@ -41,6 +41,17 @@ def _at_least(low):
     return parse
 
 
+def _non_negative(text):
+    """An argparse type: a float no smaller than 0."""
+    value = float(text)
+    if not value >= 0:                  # (NaN too)
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return value
+
+
+_non_negative.__name__ = "number"
+
+
 def _load_test_set(args):
     from nqe.model.data import load_cifar10
 
@@ -484,7 +495,7 @@ def build_parser():
                    help="loss = (1 - w) * cross-entropy + w * soft-target KL (with --teacher)")
     p.add_argument("--distill-temperature", type=float, default=4.0,
                    help="softmax temperature of the soft targets (with --teacher)")
-    p.add_argument("--dampen", type=float, default=0.0, metavar="LAMBDA",
+    p.add_argument("--dampen", type=_non_negative, default=0.0, metavar="LAMBDA",
                    help="oscillation dampening in the BSN phase: add LAMBDA times the mean "
                         "squared distance (in steps) of each layer's weights from their codes "
                         "to the loss, pulling weights off the rounding thresholds (default 0: "

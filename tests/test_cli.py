@@ -99,6 +99,13 @@ def test_export_refuses_to_skip_its_check(tmp_path):
     assert result.returncode == 2 and "--check: must be at least 1, got 0" in result.stderr
 
 
+def test_train_refuses_a_negative_dampening(tmp_path):
+    """A negative --dampen would reward weights for sitting on the rounding thresholds."""
+    result = nqe("train", "--out", str(tmp_path / "run"), "--dampen", "-1")
+    assert result.returncode == 2 and "--dampen: must be at least 0, got -1" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_resume_from_a_missing_snapshot_is_a_clear_error(tmp_path):
     result = nqe("train", "--out", str(tmp_path / "run"), "--resume-from",
                  str(tmp_path / "snapshot.pt"), "--no-progress")
