@@ -213,10 +213,10 @@ class QuantConv(nn.Module):
         (oscillation dampening). Sign (1-bit) weights have no bin middle and add nothing."""
         if self.bits == 1:
             return self.weight.new_zeros(())
-        top = max(legal_codes(self.bits))
         u = self.weight / self.step
-        inside = u.detach().abs() <= top + 0.5      # past the top code no threshold is near
-        return ((u - torch.clamp(torch.round(u.detach()), -top, top)) ** 2 * inside).mean()
+        codes = heq_codes(self.weight.detach(), self.step, self.bits)
+        inside = u.detach().abs() <= max(legal_codes(self.bits)) + 0.5   # past it: no threshold
+        return ((u - codes) ** 2 * inside).mean()
 
     @property
     def shift(self):

@@ -454,6 +454,8 @@ def train(config, out_dir, resume=False, progress=True, log=print, resume_from=N
         started = time.time()
         order = torch.randperm(len(tx), generator=generator)
         loss_sum, penalty_sum, correct, seen = 0.0, 0.0, 0, 0
+        # (in the BatchNorm phase the fold re-quantizes every weight: nothing to dampen)
+        dampening = bool(config.dampen) and not model.has_unfolded_norm
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not progress, leave=False)
         for step in bar:
@@ -472,8 +474,7 @@ def train(config, out_dir, resume=False, progress=True, log=print, resume_from=N
                 loss = (1.0 - config.distill_weight) * loss + config.distill_weight * \
                     distillation_loss(scaled, soft_targets, config.distill_temperature)
             objective = loss
-            dampening = config.dampen and not model.has_unfolded_norm
-            if dampening:       # (in the BatchNorm phase the fold re-quantizes every weight)
+            if dampening:
                 penalty = model.oscillation_penalty()
                 objective = loss + config.dampen * penalty
                 penalty_sum += penalty.item() * len(idx)
@@ -504,7 +505,7 @@ def train(config, out_dir, resume=False, progress=True, log=print, resume_from=N
                   "seconds": time.time() - started, "shifts_frozen": model.shifts_frozen,
                   "phase": "batchnorm" if model.has_unfolded_norm else "bsn",
                   "device": str(device)}
-        if config.dampen and not model.has_unfolded_norm:
+        if dampening:
             # train_loss stays the task loss; the penalty (before its factor) is kept beside it
             record["oscillation_penalty"] = penalty_sum / seen
         history.append(record)
