@@ -40,15 +40,20 @@ class _BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
+        # The projection's stride is taken by subsampling before a stride-1 1x1 convolution:
+        # the same function, but oneDNN's AVX2 weight gradient of a strided 1x1 convolution
+        # corrupts the heap on channels_last inputs of fewer than 8 channels (torch 2.13).
+        self.stride = stride
         self.shortcut = nn.Sequential()
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.Conv2d(in_channels, out_channels, 1, 1, bias=False),
                 nn.BatchNorm2d(out_channels))
 
     def forward(self, x):
         y = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+        subsampled = x[:, :, ::self.stride, ::self.stride]
+        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(subsampled))
 
 
 class ResNetTeacher(nn.Module):
@@ -100,7 +105,7 @@ class TeacherConfig:
     device: str = "auto"
     val_size: int = 5000
     seed: int = 0
-    bf16: bool = False
+    bf16: bool | None = None        # None: off, or on resume the run's saved setting
     threads: int = 0
     data: str | None = None
     limit_train: int = 0
@@ -181,7 +186,7 @@ def train_teacher(config, out_dir, resume=False, progress=True, log=print, resum
         record = {"epoch": epoch + 1, "train_loss": loss_sum / len(tx),
                   "train_acc": correct / len(tx), "val_acc": val_acc,
                   "lr": scheduler.get_last_lr()[0], "seconds": time.time() - started,
-                  "device": str(device)}
+                  "device": str(device), "bf16": config.bf16}
         history.append(record)
         log(f"teacher epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.4f} train "
             f"{record['train_acc']:.4f} validation {val_acc:.4f} ({record['seconds']:.0f} s)")

@@ -13,7 +13,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -78,8 +78,9 @@ class TrainConfig:
     device: str = "auto"            # "auto": CUDA when available, else CPU; not kept on resume
     val_size: int = 5000
     seed: int = 0
-    bf16: bool = False              # bf16 autocast for the BatchNorm phase and the teacher;
-                                    # folded (BSN) layers accumulate in fp32 (QuantConv.accumulate)
+    bf16: bool | None = None        # bf16 autocast for the BatchNorm phase and the teacher;
+                                    # folded (BSN) layers accumulate in fp32 (QuantConv.accumulate).
+                                    # None: off, or on resume the run's saved setting
     threads: int = 0                # 0: torch default
     data: str | None = None
     limit_train: int = 0            # use only this many training images (0: all); for smoke runs
@@ -107,6 +108,18 @@ def augment(images, generator):
                  rows.view(n, 1, 32, 1), cols.view(n, 1, 1, 32)]
     flip = (torch.rand(n, generator=generator) < 0.5).to(device)
     return torch.where(flip.view(n, 1, 1, 1), out.flip(-1), out)
+
+
+def native_cpu_bf16():
+    """Whether this CPU computes bf16 natively (AVX512-BF16, AMX). Without it oneDNN emulates
+    bf16 convolutions: a 2-core AVX2 AMD EPYC took 9.45 s per BatchNorm-phase training step
+    under bf16 autocast against 1.15 s in fp32 (`nqe bench-train`, with and without --fp32).
+    Unknown (an older torch without the query) counts as native: no warning."""
+    query = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return True if query is None else bool(query())
+    except RuntimeError:
+        return True
 
 
 def resolve_device(name):
@@ -208,10 +221,26 @@ class RunFolder:
             given = {"data": config.data, "device": config.device}
             if getattr(config, "bn_val_every", None) is not None:
                 given["bn_val_every"] = config.bn_val_every
+            # bf16 changes only the rounding of the float steps: a run may leave it for a CPU
+            # that emulates it (--no-bf16); each epoch's history record says which it used.
+            saved_bf16 = bool(self.state["config"].get("bf16"))
+            if config.bf16 is not None:
+                given["bf16"] = config.bf16
             config = type(config)(**{**self.state["config"], **given})
             shown = {key: ("..." if key == "spec_json" else value)
                      for key, value in asdict(config).items()}
             log(f"resuming {source} with its saved configuration: {shown}")
+            if bool(config.bf16) != saved_bf16:
+                log(f"bf16 autocast {'on' if config.bf16 else 'off'} from epoch "
+                    f"{self.state['epoch'] + 1}; the epochs before trained "
+                    f"{'with' if saved_bf16 else 'without'} it")
+        if config.bf16 is None:
+            config = replace(config, bf16=False)
+        if config.bf16 and resolve_device(config.device).type == "cpu" and not native_cpu_bf16():
+            log(f"warning: --bf16 on a CPU without native bf16 (torch reports "
+                f"{torch.backends.cpu.get_cpu_capability()}): oneDNN emulates it, several times "
+                f"slower than fp32 (`nqe bench-train` against `--fp32` measures it); "
+                f"--no-bf16 trains in fp32" + (", also on --resume" if self.state else ""))
         self.config = config
 
     def restore(self, model, optimizer, scheduler, generator):
@@ -504,7 +533,7 @@ def train(config, out_dir, resume=False, progress=True, log=print, resume_from=N
                   "lr": scheduler.get_last_lr()[0],
                   "seconds": time.time() - started, "shifts_frozen": model.shifts_frozen,
                   "phase": "batchnorm" if model.has_unfolded_norm else "bsn",
-                  "device": str(device)}
+                  "device": str(device), "bf16": config.bf16}
         if dampening:
             # train_loss stays the task loss; the penalty (before its factor) is kept beside it
             record["oscillation_penalty"] = penalty_sum / seen

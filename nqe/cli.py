@@ -307,16 +307,24 @@ def cmd_bench(args):
 
 
 def cmd_bench_train(args):
+    import torch
+
     from nqe.model.step_bench import BASELINE, benchmark_training_step
+    from nqe.model.train import native_cpu_bf16
 
     report = benchmark_training_step(args.spec, batch_size=args.batch_size, steps=args.steps,
                                      warmup=args.warmup, rounds=args.rounds, phase=args.phase,
                                      bf16=not args.fp32, threads=args.threads,
                                      progress=not args.no_progress)
     report["machine"] = _machine()
+    report["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    report["native_bf16"] = native_cpu_bf16()
     if args.json:
         _print_json(report)
         return 0
+    if report["bf16"] and not report["native_bf16"]:
+        print(f"note: this CPU ({report['cpu_capability']}) has no native bf16: the steps "
+              f"below are emulated bf16; --fp32 measures what training without --bf16 costs")
     print(f"spec {report['spec']}, {report['phase']} phase, batch {report['batch_size']}, "
           f"{'bf16 autocast' if report['bf16'] else 'fp32'}, {report['torch_threads']} torch "
           f"threads; median of {report['rounds']} x {report['steps_per_process']} steps per "
@@ -437,9 +445,12 @@ def build_parser():
                        help="validation images held out of train (stratified, seeded; a teacher "
                             "must use the student's)")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--bf16", action="store_true",
-                       help="bf16 autocast for training steps (faster on CPUs with AMX-BF16); "
-                            "folded BSN layers and the classifier still accumulate exactly")
+        p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                       help="bf16 autocast for training steps (faster on CPUs with AMX-BF16 or "
+                            "AVX512-BF16, several times slower where the CPU emulates it: a "
+                            "warning says so); folded BSN layers and the classifier still "
+                            "accumulate exactly. Default off; on --resume/--resume-from the "
+                            "run's saved setting, which --bf16/--no-bf16 change")
         p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
         p.add_argument("--limit-train", type=int, default=0, help="use only N training images")
         resume = p.add_mutually_exclusive_group()

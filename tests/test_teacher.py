@@ -157,3 +157,19 @@ def test_teacher_snapshot_resumes_a_teacher_run_only(tmp_path, trained_teacher, 
                                          r"run, not of a train run"):
         train(TrainConfig(data=str(synthetic_data), val_size=50), tmp_path / "student",
               resume_from=snapshot, progress=False, log=_quiet)
+
+
+def test_projection_shortcut_is_the_strided_1x1_convolution():
+    """The stride-2 projection subsamples before a stride-1 1x1 convolution (oneDNN's AVX2
+    strided 1x1 weight gradient corrupts the heap under 8 channels_last channels): the same
+    function as the strided convolution, so teachers trained before the change load unchanged
+    (the float teacher, outside the integer contract: the two kernels may round differently)."""
+    torch.manual_seed(0)
+    model = ResNetTeacher(8, width=4).eval()
+    block = model.stages[1]
+    assert block.stride == 2 and len(block.shortcut) == 2
+    x = torch.randn(3, 4, 16, 16).contiguous(memory_format=torch.channels_last)
+    conv, norm = block.shortcut
+    expected = norm(F.conv2d(x, conv.weight, stride=2))
+    torch.testing.assert_close(block.shortcut(x[:, :, ::2, ::2]), expected)
+    assert expected.shape == (3, 8, 8, 8)

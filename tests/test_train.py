@@ -205,6 +205,43 @@ def _train_until(config, out, stop_after):
     assert torch.load(out / "last.pt", weights_only=False)["epoch"] == stop_after
 
 
+def test_bf16_is_kept_on_resume_unless_changed_and_each_epoch_records_it(tmp_path, synthetic_data,
+                                                                          monkeypatch):
+    """A run started with --bf16 resumes with it; --no-bf16 on the resume switches it off for
+    the remaining epochs (for a CPU that emulates bf16), logged and recorded epoch by epoch.
+    A new run without either flag trains in fp32. Where the CPU has no native bf16, --bf16
+    warns."""
+    import nqe.model.train as module
+
+    def config(bf16):
+        c = _config(tmp_path, synthetic_data, 3, bn_epochs=2, fold="sequential")
+        c.bf16 = bf16
+        return c
+
+    monkeypatch.setattr(module, "native_cpu_bf16", lambda: False)
+    lines = []
+    _, plain = train(config(None), tmp_path / "plain", progress=False, log=lines.append)
+    assert [r["bf16"] for r in plain] == [False] * 3
+    assert not any("bf16" in line for line in lines if line.startswith("warning"))
+
+    kept = tmp_path / "kept"
+    _train_until(config(True), kept, stop_after=1)
+    lines = []
+    _, history = train(config(None), kept, resume=True, progress=False, log=lines.append)
+    assert [r["bf16"] for r in history] == [True] * 3
+    assert any(line.startswith("warning: --bf16 on a CPU without native bf16") for line in lines)
+    assert torch.load(kept / "last.pt", weights_only=False)["config"]["bf16"] is True
+
+    switched = tmp_path / "switched"
+    _train_until(config(True), switched, stop_after=1)
+    lines = []
+    _, history = train(config(False), switched, resume=True, progress=False, log=lines.append)
+    assert [r["bf16"] for r in history] == [True, False, False]
+    assert "bf16 autocast off from epoch 2; the epochs before trained with it" in lines
+    assert not any(line.startswith("warning") for line in lines)
+    assert torch.load(switched / "last.pt", weights_only=False)["config"]["bf16"] is False
+
+
 def test_export_of_trained_checkpoint_is_bit_exact(tmp_path, synthetic_data):
     config = _config(tmp_path, synthetic_data, 2)
     train(config, tmp_path / "run", progress=False, log=lambda *_: None)
