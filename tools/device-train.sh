@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Continue a resumable `nqe train` run on a lent GPU machine (the `device` tool), within its
-# limits: 64 MiB carried per call, nothing but the repo travels, 15 minutes of device time.
+# Continue a resumable `nqe train` or `nqe teacher` run on a lent GPU machine (the `device`
+# tool), within its limits: 64 MiB carried per call, nothing but the repo travels, 15 minutes
+# of device time. The run's last.pt says which command resumes it.
 #
 # Here (the CPU machine), once:
 #   tools/device-train.sh prepare runs/RUN      # CIFAR chunks + the run's last.pt into .device_carry/
@@ -13,7 +14,7 @@
 #      copies last.pt, snapshot.pt, best.pt, history.json and the log to $OUT)
 #   run "bash tools/device-train.sh wait 300"             (optional: more epochs, the same copies)
 # Here again, with the reply's files_at:
-#   tools/device-train.sh collect FILES_AT runs/RUN      # then: nqe train --out runs/RUN --resume
+#   tools/device-train.sh collect FILES_AT runs/RUN      # then: nqe train|teacher --out runs/RUN --resume
 #
 # Why a script: one lost device call costs minutes of a 15-minute budget. The package is run
 # from the repo copy with model/rtl/cosim linked under nqe/ (the device has torch, numpy and
@@ -61,6 +62,17 @@ stage() {       # copy whatever this call carried to $STAGED
     ls -la "$STAGED"/data "$STAGED"/run
 }
 
+run_kind() {    # LAST_PT: "teacher" or "train", the nqe command that resumes it
+    local python    # the device's python3 has torch; here, the project's venv has it
+    for python in ${PYTHON:-} .venv/bin/python python3; do
+        "$python" -c 'import torch' 2>/dev/null || continue
+        "$python" -c 'import sys, torch
+print(torch.load(sys.argv[1], map_location="cpu", weights_only=False).get("kind", "train"))' "$1"
+        return
+    done
+    die "no python with torch to read $1 (set PYTHON)"
+}
+
 link_package() {
     local name
     for name in model rtl cosim; do [[ -e nqe/$name ]] || ln -s "../$name" "nqe/$name"; done
@@ -78,7 +90,7 @@ rows = json.load(open(sys.argv[1]))
 for r in rows[-3:]:
     val = "skipped" if r["val_acc"] is None else f"{r['val_acc']:.4f}"
     print(f"epoch {r['epoch']}: train {r['train_acc']:.4f} val {val} "
-          f"{r['phase']} {r['seconds']:.1f} s on {r.get('device')}")
+          f"{r.get('phase', 'teacher')} {r['seconds']:.1f} s on {r.get('device')}")
 EOF
 }
 
@@ -86,7 +98,7 @@ wait_and_collect() {    # SECONDS
     local seconds=${1:?seconds}
     sleep "$seconds"
     collect_out
-    pgrep -f "nqe train --out $STAGED/run" >/dev/null && echo "training still running" \
+    pgrep -f "nqe [a-z]* --out $STAGED/run" >/dev/null && echo "training still running" \
         || { echo "training process ended:"; tail -c 2000 "$STAGED"/train.log; }
 }
 
@@ -97,7 +109,9 @@ start() {       # SECONDS
     [[ -f $STAGED/run/last.pt ]] || die "$STAGED/run/last.pt missing (carry part2 before)"
     link_package
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-    PYTHONUNBUFFERED=1 setsid nohup python3 -m nqe train --out "$STAGED"/run --resume \
+    local kind     # a teacher run's state says so; a student run's has no kind
+    kind=$(run_kind "$STAGED"/run/last.pt)
+    PYTHONUNBUFFERED=1 setsid nohup python3 -m nqe "$kind" --out "$STAGED"/run --resume \
         --data "$STAGED"/data --device "${NQE_DEVICE:-cuda}" --no-progress \
         > "$STAGED"/train.log 2>&1 < /dev/null &
     wait_and_collect "$1"
@@ -111,7 +125,8 @@ collect() {     # FILES_AT RUN_DIR
     for name in $RUN_FILES; do
         [[ -f $from/$name ]] && install -m 644 "$from/$name" "$run/$name"
     done
-    echo "continue with: nqe train --out $run --resume --device cpu --data ${NQE_DATA:-../shared/data}"
+    echo "continue with: nqe $(run_kind "$run"/last.pt) --out $run --resume --device cpu" \
+        "--data ${NQE_DATA:-../shared/data}"
 }
 
 command=${1:-}; shift || true
